@@ -1,0 +1,3 @@
+"""Hydra-configured YOLOv5: models, data, training, validation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""Shared behaviour of the command-line entrypoints."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (bad path, bad file, bad dataset): one line, no traceback."""
+    from yolo.checkpoint import CheckpointError
+    from yolo.data.config import DatasetError
+
+    return CheckpointError, DatasetError, FileNotFoundError
+
+
+@contextlib.contextmanager
+def exit_on_user_error(code: int = 1):
+    """Turn a user-input error into one clear ``ERROR: ...`` line on stderr and a non-zero exit."""
+    try:
+        yield
+    except user_error_types() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+        sys.exit(code)

@@ -1,0 +1,329 @@
+"""Finding images and their label files, verifying each pair, and caching the verified result.
+
+Label files follow upstream YOLOv5: ``.../images/x.jpg`` ↔ ``.../labels/x.txt``, one ``class cx cy w h`` row per
+object (normalised to the image). A row with 7+ values (``class x1 y1 x2 y2 ...``, an odd count) is a polygon
+and is reduced to its bounding box, as upstream does.
+
+What a scan does with a problem:
+
+* image that does not open / verify, has an unknown format or is under 10 px → corrupt: warned and skipped;
+* JPEG without its end-of-image marker (truncated) → *not* rewritten (upstream re-saves it in place): when
+  OpenCV still decodes it the image is kept with a warning, otherwise it is corrupt;
+* label rows with the wrong number of columns, non-numbers, negative values or normalised coordinates above 1
+  (beyond a 1e-5 rounding tolerance) → the pair is corrupt: warned and skipped;
+* duplicate rows → dropped with a warning;
+* missing or empty label file → a background image (kept);
+* class id ``>= nc`` → :class:`DatasetError` naming the file and line (a wrong ``nc``, not a bad file).
+
+The scan's result is cached in ``<labels dir>.cache`` (a pickle-free ``.npz``), keyed by a format version and a
+hash of every image/label path with its size and mtime; anything that does not match is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from yolo.data.config import DatasetError
+
+log = logging.getLogger("yolo")
+
+IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
+CACHE_VERSION = 1
+COORD_TOL = 1e-5  # normalised coordinates may exceed [0, 1] by this much (rounding in label writers)
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+# ---------------------------------------------------------------- file lists
+def list_image_files(sources: str | Path | list) -> list[str]:
+    """Sorted image files from folders (recursive) and ``.txt`` lists (relative lines → the list's folder)."""
+    files: list[str] = []
+    for src in sources if isinstance(sources, (list, tuple)) else [sources]:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            files += glob.glob(str(p / "**" / "*.*"), recursive=True)
+        elif p.is_file():
+            files += _read_image_list(p)
+        else:
+            raise DatasetError(f"image source does not exist: {p}")
+    images = sorted(os.path.normpath(f) for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS)
+    if not images:
+        raise DatasetError(f"no images found in {sources} (formats: {', '.join(IMG_FORMATS)})")
+    return images
+
+
+def _read_image_list(txt: Path) -> list[str]:
+    lines = [x.strip() for x in txt.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [x if os.path.isabs(x) else str(txt.parent / x) for x in lines]
+
+
+def img2label_paths(img_paths) -> list[str]:
+    """``.../images/.../x.jpg`` → ``.../labels/.../x.txt`` (the last ``/images/`` is replaced)."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return [sb.join(str(p).rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt" for p in img_paths]
+
+
+# ---------------------------------------------------------------- one image/label pair
+@dataclass
+class ScanResult:
+    im_file: str
+    labels: np.ndarray | None  # (n, 5) float32 class cx cy w h; None when corrupt
+    size: tuple[int, int] | None  # (width, height) after EXIF orientation; None when corrupt
+    status: str  # 'labelled' | 'missing' (no label file) | 'empty' (label file without rows) | 'corrupt'
+    message: str = ""
+
+
+class _BadLabel(ValueError):
+    pass
+
+
+def verify_image_label(img_path, label_path, nc: int, single_cls: bool = False, prefix: str = "") -> ScanResult:
+    """Check one pair; corrupt → ``status='corrupt'`` plus a warning message; class id >= nc → DatasetError."""
+    img_path, label_path = str(img_path), str(label_path)
+    try:
+        size, note = verify_image(img_path)
+    except Exception as e:  # PIL raises many types for a bad file
+        return ScanResult(img_path, None, None, "corrupt", f"{prefix}WARNING: {img_path}: ignoring corrupt image: {e}")
+    try:
+        labels, status, label_note = read_label_file(label_path, None if single_cls else nc)
+    except (_BadLabel, OSError, UnicodeDecodeError) as e:
+        return ScanResult(img_path, None, None, "corrupt", f"{prefix}WARNING: {img_path}: ignoring corrupt label: {e}")
+    message = "; ".join(x for x in (note, label_note) if x)
+    return ScanResult(img_path, labels, size, status, f"{prefix}WARNING: {img_path}: {message}" if message else "")
+
+
+def verify_image(path: str) -> tuple[tuple[int, int], str]:
+    """(width, height) after EXIF orientation, and a note for a recoverable problem; raises when unusable."""
+    with Image.open(path) as im:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        im.verify()
+        w, h = im.size
+        fmt = (im.format or "").lower()
+    if orientation in TRANSPOSED_ORIENTATIONS:
+        w, h = h, w
+    if w < 10 or h < 10:
+        raise ValueError(f"image size {w}x{h} is under 10 pixels")
+    if fmt not in IMG_FORMATS:
+        raise ValueError(f"unsupported image format {fmt or 'unknown'}")
+    if fmt in ("jpeg", "mpo") and not _ends_with_eoi(path):
+        if cv2.imread(path) is None:
+            raise ValueError("truncated JPEG that cannot be decoded")
+        return (w, h), "truncated JPEG (no end-of-image marker): kept as decoded, file left unchanged"
+    return (w, h), ""
+
+
+def _ends_with_eoi(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read() == b"\xff\xd9"
+
+
+def read_label_file(path: str, nc: int | None) -> tuple[np.ndarray, str, str]:
+    """(labels (n, 5) float32, status, note). ``nc=None`` skips the class-range check (single-class)."""
+    if not os.path.isfile(path):
+        return np.zeros((0, 5), np.float32), "missing", ""
+    with open(path, encoding="utf-8") as f:
+        rows = [_parse_row(line, i, path, nc) for i, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+    if not rows:
+        return np.zeros((0, 5), np.float32), "empty", ""
+    labels = np.array(rows, dtype=np.float32)
+    np.clip(labels[:, 1:], 0.0, 1.0, out=labels[:, 1:])
+    _, first = np.unique(labels, axis=0, return_index=True)
+    if len(first) < len(labels):
+        dropped = len(labels) - len(first)
+        return labels[np.sort(first)], "labelled", f"{dropped} duplicate label row(s) removed"
+    return labels, "labelled", ""
+
+
+def _parse_row(line: str, lineno: int, path: str, nc: int | None) -> list[float]:
+    try:
+        values = [float(x) for x in line.split()]
+    except ValueError:
+        raise _BadLabel(f"line {lineno}: not numbers: {line.strip()[:60]!r}") from None
+    n = len(values)
+    if n != 5 and (n < 7 or n % 2 == 0):
+        raise _BadLabel(f"line {lineno}: labels require 5 columns (class cx cy w h), {n} found")
+    cls, coords = values[0], np.array(values[1:])
+    if cls < 0 or cls != int(cls):
+        raise _BadLabel(f"line {lineno}: class {cls:g} is not a non-negative integer")
+    if coords.min() < -COORD_TOL:
+        raise _BadLabel(f"line {lineno}: negative label values {coords[coords < 0].tolist()}")
+    if coords.max() > 1 + COORD_TOL:
+        raise _BadLabel(f"line {lineno}: non-normalised or out of bounds coordinates {coords[coords > 1].tolist()}")
+    if nc is not None and cls >= nc:
+        raise DatasetError(f"{path}:{lineno}: class id {int(cls)} is out of range for nc={nc} "
+                           f"(classes 0..{nc - 1}); check 'nc'/'names' in the data config")
+    return [cls, *(coords if n == 5 else _polygon_to_box(coords))]
+
+
+def _polygon_to_box(xy: np.ndarray) -> list[float]:
+    x, y = xy[0::2], xy[1::2]
+    return [(x.min() + x.max()) / 2, (y.min() + y.max()) / 2, x.max() - x.min(), y.max() - y.min()]
+
+
+# ---------------------------------------------------------------- whole dataset, with cache
+@dataclass
+class LabelScan:
+    """Valid images (corrupt ones removed) in scan order, with their labels and (width, height) sizes."""
+
+    im_files: list[str]
+    labels: list[np.ndarray]
+    shapes: np.ndarray  # (n, 2) int: width, height
+    labelled: int
+    missing: int
+    empty: int
+    corrupt: int
+    messages: list[str] = field(default_factory=list)
+    source: str = ""  # what was scanned (for messages)
+    from_cache: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.labelled + self.missing + self.empty + self.corrupt
+
+    @property
+    def backgrounds(self) -> int:
+        return self.missing + self.empty
+
+    @property
+    def instances(self) -> int:
+        return int(sum(len(x) for x in self.labels))
+
+    @property
+    def summary(self) -> str:
+        """Upstream's line: 'images' counts the labelled ones, backgrounds those without a label row."""
+        return f"Scanning {self.source}... {self.labelled} images, {self.backgrounds} backgrounds, {self.corrupt} corrupt"
+
+
+def label_cache_path(label_files: list[str], sources=None) -> Path:
+    """Upstream's location: ``<labels dir>.cache``, or ``<list>.cache`` when the (last) source is a .txt list."""
+    last = Path((sources if isinstance(sources, (list, tuple)) else [sources])[-1]) if sources else None
+    base = last if last is not None and last.is_file() else Path(label_files[0]).parent
+    return base.with_suffix(".cache")
+
+
+def writable_cache_path(path: Path) -> Path:
+    """``path`` when its folder is writable, else the same name under ``$YOLO_CACHE_DIR`` (``~/.cache/yolo``)."""
+    path = Path(path)
+    if os.access(path.parent, os.W_OK):
+        return path
+    root = Path(os.environ.get("YOLO_CACHE_DIR") or Path.home() / ".cache" / "yolo")
+    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    return root / f"{tag}-{path.name}"
+
+
+def dataset_hash(im_files: list[str], label_files: list[str], key: str = "") -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{key}".encode())
+    for f in (*im_files, *label_files):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}|-\n".encode())
+    return h.hexdigest()
+
+
+def scan_dataset(img_files: list[str], nc: int, cache_path: str | Path | None = None, prefix: str = "",
+                 workers: int = 8, single_cls: bool = False) -> LabelScan:
+    """Verify every image/label pair (threads, progress bar) or reuse a matching cache; write the cache."""
+    from tqdm import tqdm
+
+    img_files = [str(f) for f in img_files]
+    label_files = img2label_paths(img_files)
+    source = str(Path(label_files[0]).parent)
+    key = dataset_hash(img_files, label_files, "single_cls" if single_cls else f"nc={nc}")
+    scan = load_label_cache(cache_path, key) if cache_path else None
+    if scan is not None:
+        scan.source = source
+        tqdm(desc=f"{prefix}{scan.summary}", total=scan.total, initial=scan.total).close()
+    else:
+        results = _verify_all(img_files, label_files, nc, single_cls, prefix, workers, f"{prefix}Scanning {source}...")
+        scan = _collect(results, source)
+        if cache_path:
+            save_label_cache(cache_path, scan, key, prefix)
+    for msg in scan.messages:
+        log.warning(msg)
+    log.info(f"{prefix}{scan.summary}")
+    if not scan.im_files:
+        raise DatasetError(f"{prefix}no usable images in {source}: all {scan.total} image/label pairs are corrupt "
+                           f"(first: {scan.messages[0] if scan.messages else '?'})")
+    return scan
+
+
+def _verify_all(img_files, label_files, nc, single_cls, prefix, workers, desc) -> list[ScanResult]:
+    from tqdm import tqdm
+
+    args = [(i, lb, nc, single_cls, prefix) for i, lb in zip(img_files, label_files)]
+    counts = {"labelled": 0, "missing": 0, "empty": 0, "corrupt": 0}
+    results = []
+    with ThreadPool(max(1, min(workers, len(args)))) as pool:
+        bar = tqdm(pool.imap(_verify_star, args, chunksize=8), total=len(args), desc=desc)
+        for r in bar:
+            results.append(r)
+            counts[r.status] += 1
+            bar.set_description(f"{desc} {counts['labelled']} images, {counts['missing'] + counts['empty']} "
+                                f"backgrounds, {counts['corrupt']} corrupt", refresh=False)
+    return results
+
+
+def _verify_star(args) -> ScanResult:
+    return verify_image_label(*args)
+
+
+def _collect(results: list[ScanResult], source: str) -> LabelScan:
+    ok = [r for r in results if r.status != "corrupt"]
+    count = {s: sum(r.status == s for r in results) for s in ("labelled", "missing", "empty", "corrupt")}
+    return LabelScan(im_files=[r.im_file for r in ok], labels=[r.labels for r in ok],
+                     shapes=np.array([r.size for r in ok], dtype=np.int64).reshape(-1, 2),
+                     messages=[r.message for r in results if r.message], source=source, **count)
+
+
+def save_label_cache(path: str | Path, scan: LabelScan, key: str, prefix: str = "") -> bool:
+    """Write atomically; an unwritable location is a warning, never an error."""
+    path = Path(path)
+    lengths = np.array([len(x) for x in scan.labels], dtype=np.int64)
+    arrays = dict(version=np.array(CACHE_VERSION), hash=np.array(key), files=np.array(scan.im_files, dtype=str),
+                  shapes=scan.shapes, lengths=lengths,
+                  labels=np.concatenate(scan.labels) if scan.labels else np.zeros((0, 5), np.float32),
+                  counts=np.array([scan.labelled, scan.missing, scan.empty, scan.corrupt], dtype=np.int64),
+                  messages=np.array(scan.messages, dtype=str))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning(f"{prefix}WARNING: cache directory {path.parent} is not writable, labels not cached: {e}")
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+    log.info(f"{prefix}New cache created: {path}")
+    return True
+
+
+def load_label_cache(path: str | Path, key: str) -> LabelScan | None:
+    """The cached scan when ``path`` holds one for exactly this version and hash; otherwise None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != CACHE_VERSION or str(z["hash"]) != key:
+                return None
+            lengths = z["lengths"]
+            labels = np.split(z["labels"].astype(np.float32), np.cumsum(lengths)[:-1]) if len(lengths) else []
+            labelled, missing, empty, corrupt = (int(x) for x in z["counts"])
+            return LabelScan(im_files=[str(x) for x in z["files"]], labels=labels, shapes=z["shapes"].reshape(-1, 2),
+                             labelled=labelled, missing=missing, empty=empty, corrupt=corrupt,
+                             messages=[str(x) for x in z["messages"]], from_cache=True)
+    except Exception:  # missing, unreadable, foreign: rebuilt, never fatal
+        return None

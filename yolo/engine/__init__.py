@@ -1,0 +1,1 @@
+"""Training engine: the loop, its optimizer/schedule, callbacks and results file."""
