@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from yolo.tracking import (
@@ -34,6 +36,18 @@ BOX, MAP = "train/box_loss", "metrics/mAP_0.5:0.95"
 def _clean_env(monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for the local tests (creating one runs ~2 s of schema migrations);
+    each test uses its own experiment (see ``cfg``)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture
+def cfg(request) -> TrackingConfig:
+    return TrackingConfig(experiment=request.node.name)
 
 
 def _free_port() -> int:
@@ -95,27 +109,29 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
 # ---- local store -----------------------------------------------------------------------------
 
 
-def test_run_roundtrip(tmp_path):
+def test_run_roundtrip(tmp_path, store, cfg):
     art = tmp_path / "results.csv"
     art.write_text("epoch,map\n0,0.1\n")
     params = {"hyp": {"lr0": 0.01, "momentum": 0.937}, "epochs": 3, "long": "x" * 7000}
     params.update({f"many.p{i}": i for i in range(250)})  # > 100: several log_batch calls
 
-    tracker = Tracker(TrackingConfig(experiment="exp", run_name="r1"), default_dir=tmp_path / "runs")
+    cfg.run_name = "r1"
+    tracker = Tracker(cfg, default_dir=store)
     with tracker:
         run_id = tracker.start(params, tags={"task": "train"})
         assert run_id is not None and tracker.run_id == run_id and tracker.active
+        odd = {"skip": "not-a-number", "skip2": np.zeros(3), "np": np.float32(0.5), "nan": float("nan")}
         for step in range(3):
-            tracker.log_metrics({BOX: 0.1 / (step + 1), MAP: 0.2 * step, "skip": "not-a-number"}, step=step)
+            tracker.log_metrics({BOX: 0.1 / (step + 1), MAP: np.float64(0.2 * step), **odd}, step=step)
         tracker.log_artifact(art)
     assert not tracker.active and tracker.enabled
 
-    assert (tmp_path / "runs" / "mlflow.db").is_file()
+    assert (store / "mlflow.db").is_file()
     client = _client(tracker.tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "r1"
-    assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").resolve().as_uri())
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
     p = run.data.params
     assert p["hyp.lr0"] == "0.01" and p["hyp.momentum"] == "0.937" and p["epochs"] == "3"
     assert len(p["long"]) == 6000 and p["many.p249"] == "249"
@@ -125,16 +141,17 @@ def test_run_roundtrip(tmp_path):
     for name in (BOX, MAP):
         hist = client.get_metric_history(run_id, sanitize_name(name))
         assert sorted(m.step for m in hist) == [0, 1, 2]
-    assert "skip" not in run.data.metrics
+    assert "skip" not in run.data.metrics and "skip2" not in run.data.metrics
+    assert run.data.metrics["np"] == 0.5 and math.isnan(run.data.metrics["nan"])
     assert [f.path for f in client.list_artifacts(run_id)] == ["results.csv"]
 
 
-def test_log_artifacts_dir_and_tags(tmp_path):
+def test_log_artifacts_dir_and_tags(tmp_path, store, cfg):
     d = tmp_path / "weights"
     d.mkdir()
     (d / "last.pt").write_bytes(b"\0" * 10)
     (d / "best.pt").write_bytes(b"\1" * 10)
-    tracker = Tracker(TrackingConfig(), default_dir=tmp_path)
+    tracker = Tracker(cfg, default_dir=store)
     run_id = tracker.start({"a": 1}, {})
     tracker.log_artifacts(d, artifact_path="weights")
     tracker.set_tags({"best_fitness": 0.5})
@@ -144,8 +161,8 @@ def test_log_artifacts_dir_and_tags(tmp_path):
     assert client.get_run(run_id).data.tags["best_fitness"] == "0.5"
 
 
-def test_parent_and_children_from_separate_trackers(tmp_path):
-    runs = tmp_path / "runs"
+def test_parent_and_children_from_separate_trackers(tmp_path, store):
+    runs = store
     key = str(tmp_path / "multirun" / "2024-01-01")
     trackers = [Tracker(TrackingConfig(experiment="sweep"), default_dir=runs) for _ in range(2)]
     parents = [t.get_or_create_parent(None, "sweep-parent", key) for t in trackers]
@@ -175,8 +192,8 @@ def test_parent_and_children_from_separate_trackers(tmp_path):
     assert new_parent not in (None, parents[0])
 
 
-def test_start_parent_nested(tmp_path):
-    t = Tracker(TrackingConfig(), default_dir=tmp_path)
+def test_start_parent_nested(store, cfg):
+    t = Tracker(cfg, default_dir=store)
     parent = t.start_parent("evolve", {"kind": "evolve"})
     ids = []
     for gen in range(2):  # one tracker, several child runs one after another
@@ -237,9 +254,8 @@ def test_multiprocess_sweep_shares_parent_and_sqlite(tmp_path):
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    cfg = TrackingConfig(experiment="resume")
-    t1 = Tracker(cfg, default_dir=tmp_path)
+def test_resume_continues_the_same_run(store, cfg):
+    t1 = Tracker(cfg, default_dir=store)
     run_id = t1.start({"epochs": 3, "hyp": {"lr0": 0.01}}, {})
     for step in range(2):
         t1.log_metrics({BOX: 1.0 / (step + 1)}, step)
@@ -249,7 +265,7 @@ def test_resume_continues_the_same_run(tmp_path):
     assert client.get_run(run_id).info.status == "RUNNING"
     client.set_terminated(run_id, status="FAILED")  # or it was marked failed at exit
 
-    t2 = Tracker(cfg, default_dir=tmp_path)
+    t2 = Tracker(cfg, default_dir=store)
     assert t2.start({"epochs": 5, "hyp": {"lr0": 0.01}, "resume": True}, {}, resume_run_id=run_id) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     t2.log_metrics({BOX: 1.0 / 3}, 2)
@@ -262,8 +278,8 @@ def test_resume_continues_the_same_run(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_context_manager_marks_failure(tmp_path):
-    t = Tracker(TrackingConfig(), default_dir=tmp_path)
+def test_context_manager_marks_failure(store, cfg):
+    t = Tracker(cfg, default_dir=store)
     with pytest.raises(RuntimeError), t:
         run_id = t.start({}, {})
         raise RuntimeError("boom")
@@ -301,6 +317,23 @@ def test_unreachable_server_disables_quickly(tmp_path, caplog):
     assert msgs[0].startswith(f"MLflow tracking disabled: cannot reach {uri}")
 
 
+def test_silent_server_times_out(tmp_path, caplog):
+    """A port that accepts connections but never answers (hung server) fails after timeout_s."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)  # never accept(): the kernel completes handshakes, nobody replies
+        uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
+        t = Tracker(TrackingConfig(tracking_uri=uri, timeout_s=1.0), default_dir=tmp_path)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            assert t.start({}, {}) is None
+            t.log_metrics({BOX: 1.0}, 0)
+            t.end()
+        assert time.monotonic() - t0 < 4
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and msgs[0].startswith(f"MLflow tracking disabled: cannot reach {uri}")
+
+
 def test_bad_uri_disables(tmp_path, caplog):
     t = Tracker(TrackingConfig(tracking_uri="nosuchscheme://x/y"), default_dir=tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -311,8 +344,8 @@ def test_bad_uri_disables(tmp_path, caplog):
     assert len(_warnings(caplog)) == 1
 
 
-def test_failure_mid_run_disables_once(tmp_path, caplog):
-    t = Tracker(TrackingConfig(), default_dir=tmp_path)
+def test_failure_mid_run_disables_once(store, cfg, caplog):
+    t = Tracker(cfg, default_dir=store)
     assert t.start({}, {})
 
     def broken(*a, **k):
@@ -347,6 +380,8 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
     raise TimeoutError("mlflow server did not become ready")
 
 
+@pytest.mark.slow  # `mlflow server` needs ~10-20 s to start on 2 busy cores; whole test ~25 s
+@pytest.mark.timeout(180)
 def test_end_to_end_http_server(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"

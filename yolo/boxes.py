@@ -37,25 +37,20 @@ def _copy(x):
     return x.clone() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
 
 
+def _cat(parts, like):
+    return torch.cat(parts, -1) if isinstance(like, torch.Tensor) else np.concatenate(parts, -1)
+
+
 def xywh2xyxy(x):
     """``cx, cy, w, h`` -> ``x1, y1, x2, y2``; returns a new array/tensor."""
-    y = _copy(x)
-    half_w, half_h = x[..., 2] / 2, x[..., 3] / 2
-    y[..., 0] = x[..., 0] - half_w
-    y[..., 1] = x[..., 1] - half_h
-    y[..., 2] = x[..., 0] + half_w
-    y[..., 3] = x[..., 1] + half_h
-    return y
+    centre, half = x[..., :2], x[..., 2:4] / 2
+    return _cat((centre - half, centre + half, x[..., 4:]), x)
 
 
 def xyxy2xywh(x):
     """``x1, y1, x2, y2`` -> ``cx, cy, w, h``; returns a new array/tensor."""
-    y = _copy(x)
-    y[..., 0] = (x[..., 0] + x[..., 2]) / 2
-    y[..., 1] = (x[..., 1] + x[..., 3]) / 2
-    y[..., 2] = x[..., 2] - x[..., 0]
-    y[..., 3] = x[..., 3] - x[..., 1]
-    return y
+    top_left, bottom_right = x[..., :2], x[..., 2:4]
+    return _cat(((top_left + bottom_right) / 2, bottom_right - top_left, x[..., 4:]), x)
 
 
 def xywhn2xyxy(x, w=640, h=640, padw=0, padh=0):

@@ -8,7 +8,8 @@ Unpickling those normally imports and runs upstream's code, and a pickle may nam
 restricted unpickler decides what every global in the pickle resolves to:
 
 - torch's tensor/parameter rebuild functions, ``collections.OrderedDict``, a few builtin containers, torch dtypes,
-  ``torch.Size``/``torch.device`` and numpy scalars: the real objects;
+  ``torch.Size``/``torch.device``, numpy scalars and dtypes: the real objects (``_codecs.encode``, which
+  protocol-2 pickles use to spell bytes, only as a latin-1 encoder);
 - ``models.*`` (upstream's classes) and ``torch.nn.modules.*``: inert placeholder classes that only store the
   pickled attributes (no ``__init__`` logic, no imports, no forward);
 - anything else: refused, with a :class:`CheckpointError` naming the file and the global.
@@ -135,6 +136,12 @@ def _torch_dtype(name: str) -> Any:
     return value if isinstance(value, torch.dtype) else None
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if not isinstance(text, str) or encoding.replace("-", "").lower() not in {"latin1", "iso88591"}:
+        raise pickle.UnpicklingError("unexpected _codecs.encode call in the pickle")
+    return text.encode("latin1")
+
+
 def _allowed_global(module: str, name: str) -> Any:
     """The object a pickle global resolves to, or ``None`` when it is not allowed."""
     if module == "__builtin__":  # protocol-2 pickles spell builtins the Python 2 way
@@ -144,6 +151,8 @@ def _allowed_global(module: str, name: str) -> Any:
     if module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple", "bytearray"}:
         return {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple,
                 "bytearray": bytearray}[name]
+    if module == "_codecs" and name == "encode":  # how protocol-2 pickles spell bytes (e.g. in numpy scalars)
+        return _latin1_encode
     if module == "torch._utils" and name in {
         "_rebuild_tensor",
         "_rebuild_tensor_v2",
@@ -158,7 +167,7 @@ def _allowed_global(module: str, name: str) -> Any:
     if module in {"numpy.core.multiarray", "numpy._core.multiarray"} and name == "scalar":
         import numpy as np
 
-        return np.core.multiarray.scalar if hasattr(np, "core") else np._core.multiarray.scalar
+        return np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     if module == "numpy" and name == "dtype":
         import numpy as np
 

@@ -4,9 +4,9 @@ Every entrypoint's primary YAML (``conf/val.yaml``, ``conf/train.yaml``, ...) li
 defaults list, so Hydra validates the composed config before any code runs: a mistyped key
 (``hyp.lr00=0.1``) or a value of the wrong type fails at once with a message naming the key.
 
-``data`` is a string on purpose: the name of a file in ``conf/data/`` (``data=coco128``) or the path of a
-user's own dataset YAML in upstream's format (``data=path/to/custom.yaml``), resolved by
-:func:`yolo.data.config.load_data_config`.
+``data`` is a config group (``conf/data/*.yaml``, upstream's dataset format: ``data=coco128``).  A user's own
+dataset YAML works without copying it into ``conf/``: ``data=path/to/custom.yaml`` is rewritten by the
+entrypoints (:func:`yolo.cli.rewrite_data_override`) to ``data=external data.file=path/to/custom.yaml``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,36 @@ class ModelConfig:
 
 
 @dataclass
+class DataSpec:
+    """A dataset in upstream's YAML format (``conf/data/*.yaml``), or ``file`` pointing at one."""
+
+    path: Optional[str] = None
+    train: Any = None
+    val: Any = None
+    test: Any = None
+    names: Any = None
+    nc: Optional[int] = None
+    download: Optional[str] = None
+    file: Optional[str] = None  # a dataset YAML outside conf/ (wins over the fields above)
+
+
+def data_source(data: Any) -> Any:
+    """What :func:`yolo.data.config.load_data_config` takes: the external YAML path, or the mapping itself."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(data, (str, bytes)):
+        return data
+    d = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
+    file = d.pop("file", None)
+    return file if file else {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
 class ValConfig:
     """``python -m yolo.val``: score a checkpoint on a dataset split."""
 
     weights: str = MISSING
-    data: str = "coco128"
+    data: DataSpec = field(default_factory=DataSpec)
     datasets_dir: str = DATASETS_DIR
     split: str = "val"
     model: Optional[ModelConfig] = None
@@ -122,7 +147,7 @@ class TrainConfig:
     hyp: HypConfig = field(default_factory=HypConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    data: str = "coco128"
+    data: DataSpec = field(default_factory=DataSpec)
     datasets_dir: str = DATASETS_DIR
     weights: Optional[str] = None
     epochs: int = 100

@@ -38,6 +38,9 @@ def non_max_suppression(
 
     Returns:
         A list with one ``(n, 6)`` tensor ``x1, y1, x2, y2, conf, cls`` per image, sorted by ``conf`` descending.
+
+    The kept boxes are those of YOLOv5 v7.0 (same candidate rules, same class offsets, same IoU arithmetic), except
+    that every image is always processed: there is no wall-clock limit cutting a batch short.
     """
     if isinstance(prediction, (list, tuple)):
         prediction = prediction[0]
@@ -51,13 +54,9 @@ def non_max_suppression(
     multi_label = multi_label and nc > 1
     wanted = None if classes is None else torch.as_tensor(list(classes), device=device, dtype=prediction.dtype)
 
-    # Objectness gate for the whole batch at once, then split per image.
-    candidates = prediction[..., 4] > conf_thres
-    counts = candidates.sum(1).tolist()
-    rows = prediction[candidates].split(counts)
-
     output = []
-    for x in rows:
+    for image_pred in prediction:
+        x = image_pred.index_select(0, (image_pred[:, 4] > conf_thres).nonzero().squeeze(1))  # objectness gate
         if not x.shape[0]:
             output.append(prediction.new_zeros((0, 6)))
             continue
@@ -68,8 +67,7 @@ def non_max_suppression(
             det = torch.cat((boxes[i], scores[i, j].unsqueeze(1), j.unsqueeze(1).to(x.dtype)), 1)
         else:
             conf, j = scores.max(1, keepdim=True)
-            keep = conf.view(-1) > conf_thres
-            det = torch.cat((boxes[keep], conf[keep], j[keep].to(x.dtype)), 1)
+            det = torch.cat((boxes, conf, j.to(x.dtype)), 1)[conf.view(-1) > conf_thres]
         if wanted is not None:
             det = det[(det[:, 5:6] == wanted).any(1)]
         if not det.shape[0]:
@@ -82,24 +80,28 @@ def non_max_suppression(
     return output
 
 
-def _greedy_nms(boxes, scores, iou_thres, max_det, first_chunk=1024):
+def _greedy_nms(boxes, scores, iou_thres, max_det, min_chunk=1024):
     """Indices of the first ``max_det`` boxes kept by greedy NMS; ``boxes`` must be sorted by ``scores`` descending.
 
     Greedy NMS decides each box from the boxes ranked above it only, so the boxes it keeps from a prefix of the
-    ranking are exactly the first of those it keeps from the whole. On the CPU, where ``torchvision.ops.nms`` costs
-    about (boxes x kept boxes), the ranking is therefore processed in growing chunks, each preceded by the boxes
-    kept so far (which never suppress each other), and the work stops once ``max_det`` boxes are kept. A strictly
-    decreasing rank replaces the scores inside torchvision so that its internal sort keeps our order.
+    ranking are exactly the first of those it keeps from the whole ranking. ``torchvision.ops.nms`` on the CPU costs
+    about (boxes x kept boxes), and at a low confidence threshold far more than ``max_det`` boxes survive, so the
+    ranking is processed in chunks: each call sees the boxes kept so far (they never suppress each other) followed
+    by the next chunk, and the work stops once ``max_det`` boxes are kept. The next chunk's end is extrapolated from
+    the rate at which boxes were kept so far. A strictly decreasing rank stands in for the scores so that
+    torchvision's internal (unstable) sort keeps our order.
     """
     n = boxes.shape[0]
-    if boxes.is_cuda or n <= first_chunk:
+    if boxes.device.type != "cpu" or n <= min_chunk:
         return torchvision.ops.nms(boxes, scores, iou_thres)[:max_det]
-    rank = torch.arange(n, 0, -1, dtype=boxes.dtype, device=boxes.device)
-    keep = torch.zeros(0, dtype=torch.long, device=boxes.device)
-    start, chunk = 0, first_chunk
-    while start < n and keep.shape[0] < max_det:
-        end = min(n, start + chunk)
-        idx = torch.cat((keep, torch.arange(start, end, device=boxes.device)))
+    device = boxes.device
+    rank = torch.arange(n, 0, -1, dtype=boxes.dtype, device=device)
+    keep = torch.zeros(0, dtype=torch.long, device=device)
+    start, end = 0, max(min_chunk, n // 2)
+    while True:
+        idx = torch.cat((keep, torch.arange(start, end, device=device)))
         keep = idx[torchvision.ops.nms(boxes[idx], rank[idx], iou_thres)]
-        start, chunk = end, chunk * 2
-    return keep[:max_det]
+        kept = keep.shape[0]
+        if kept >= max_det or end >= n:
+            return keep[:max_det]
+        start, end = end, min(n, max(end + 256, int(1.25 * end * max_det / max(kept, 1))))

@@ -52,8 +52,9 @@ def build_targets(
     Returns:
         ``(tcls, tbox, indices, anch)``, lists with one entry per level:
         ``tcls`` long ``(m,)``; ``tbox`` ``(m, 4)`` = xy offset from the assigned cell's corner (in -0.5 .. 1.5)
-        and wh, in grid units; ``indices`` a tuple ``(b, a, gj, gi)`` of long ``(m,)`` tensors (cell indices
-        clamped to the grid); ``anch`` ``(m, 2)`` the matched anchors in grid units.
+        and wh, in grid units; ``indices`` a tuple
+        ``(b, a, gj, gi)`` of long ``(m,)`` tensors (cell indices clamped to the grid); ``anch`` ``(m, 2)`` the
+        matched anchors in grid units.
     """
     device = anchors.device
     nl, na = anchors.shape[:2]
@@ -92,10 +93,11 @@ def build_targets(
         b, c = t[:, 0].long(), t[:, 1].long()
         gxy, gwh, a = t[:, 2:4], t[:, 4:6], t[:, 6].long()
         gij = (gxy - offsets).long()  # truncation toward zero (positions are non-negative)
-        gi, gj = gij[:, 0], gij[:, 1]
+        gi, gj = gij[:, 0].clamp(0, nx - 1), gij[:, 1].clamp(0, ny - 1)
+        cell = torch.stack((gi, gj), dim=1)  # the offsets are relative to the clamped cell, as upstream
 
-        indices.append((b, a, gj.clamp(0, ny - 1), gi.clamp(0, nx - 1)))
-        tbox.append(torch.cat((gxy - gij, gwh), dim=1))
+        indices.append((b, a, gj, gi))
+        tbox.append(torch.cat((gxy - cell, gwh), dim=1))
         anch.append(level_anchors[a])
         tcls.append(c)
 

@@ -316,6 +316,7 @@ class Tracker:
         self._run_id: str | None = None
         self._active = False
         self._atexit_registered = False
+        self._pid = os.getpid()
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -380,12 +381,20 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001
                 self.disable(f"cannot reach {self._safe_uri}", exc)
                 return False
+        db = _sqlite_path(self.tracking_uri)
+        # Creating a fresh SQLite store runs MLflow's schema migrations, which fail when two
+        # processes do it at once ("Online migration expected to match one row ..."): serialise
+        # the first connection (and experiment lookup/creation) with a lock file beside the DB.
+        lock = _file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
         try:
-            with self._guard("connecting"):
+            with self._guard("connecting"), lock:
                 from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+                self._client = client
+                self._experiment_id(self.cfg.experiment)  # touches the store: creates/migrates it
         except _Disabled:
+            self._client = None
             return False
         return True
 
@@ -461,6 +470,7 @@ class Tracker:
             self._client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def _register_atexit(self) -> None:
+        self._pid = os.getpid()
         if not self._atexit_registered:
             atexit.register(self._atexit)
             self._atexit_registered = True
@@ -471,7 +481,8 @@ class Tracker:
             self._atexit_registered = False
 
     def _atexit(self) -> None:
-        if self.active:  # the process exits without end(): not a clean finish
+        # the process exits without end(): not a clean finish (ignored in forked children)
+        if self.active and os.getpid() == self._pid:
             self.end("FAILED")
 
     # ---- runs ------------------------------------------------------------------------------
@@ -539,7 +550,7 @@ class Tracker:
         for k, v in metrics.items():
             try:
                 value = float(v.item() if hasattr(v, "item") else v)
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - e.g. a multi-element tensor: skip, never raise
                 continue
             items.append(Metric(sanitize_name(k), value, ts, int(step)))
         if not items:

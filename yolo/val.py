@@ -217,16 +217,14 @@ def run(cfg) -> ValResults:
     """Validate ``cfg.weights`` on ``cfg.data`` (a :class:`yolo.config.ValConfig`)."""
     from omegaconf import OmegaConf
 
+    from yolo.checkpoint import load_model
+    from yolo.config import data_source
     from yolo.data.config import ensure_dataset, load_data_config
     from yolo.data.loader import create_dataloader
-    from yolo.models import load_model
 
     device = select_device(cfg.device)
-    data = load_data_config(cfg.data, cfg.datasets_dir)
-    split = getattr(data, cfg.split, None)
-    if not split:
-        raise ValueError(f"data config {cfg.data!r} has no '{cfg.split}' split")
-    ensure_dataset(data)
+    data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
+    split = data.split(cfg.split)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
     nc = 1 if cfg.single_cls else (cfg.nc or data.nc)
     model, _ = load_model(cfg.weights, model_cfg=model_cfg, nc=nc, fuse=cfg.fuse)
@@ -256,7 +254,9 @@ def main() -> None:
     import hydra
 
     import yolo.config  # noqa: F401  (registers the config schema)
-    from yolo.cli import exit_on_user_error
+    from yolo.cli import exit_on_user_error, rewrite_data_override
+
+    sys.argv = rewrite_data_override(sys.argv)
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="val")
     def _main(cfg) -> float:

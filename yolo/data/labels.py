@@ -203,7 +203,11 @@ class LabelScan:
     @property
     def summary(self) -> str:
         """Upstream's line: 'images' counts the labelled ones, backgrounds those without a label row."""
-        return f"Scanning {self.source}... {self.labelled} images, {self.backgrounds} backgrounds, {self.corrupt} corrupt"
+        return f"Scanning {self.source}... {_counts_text(self.labelled, self.backgrounds, self.corrupt)}"
+
+
+def _counts_text(labelled: int, backgrounds: int, corrupt: int) -> str:
+    return f"{labelled} images, {backgrounds} backgrounds, {corrupt} corrupt"
 
 
 def label_cache_path(label_files: list[str], sources=None) -> Path:
@@ -214,13 +218,24 @@ def label_cache_path(label_files: list[str], sources=None) -> Path:
 
 
 def writable_cache_path(path: Path) -> Path:
-    """``path`` when its folder is writable, else the same name under ``$YOLO_CACHE_DIR`` (``~/.cache/yolo``)."""
+    """``path`` when its folder is writable, else the same name under ``$YOLO_CACHE_DIR`` (``~/.cache/yolo``).
+
+    A folder whose permission bits grant nobody write access counts as read-only even for root (who could
+    write there anyway): shared, read-only datasets stay untouched.
+    """
     path = Path(path)
-    if os.access(path.parent, os.W_OK):
+    if _writable_dir(path.parent):
         return path
     root = Path(os.environ.get("YOLO_CACHE_DIR") or Path.home() / ".cache" / "yolo")
     tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     return root / f"{tag}-{path.name}"
+
+
+def _writable_dir(d: Path) -> bool:
+    try:
+        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
+    except OSError:
+        return False
 
 
 def dataset_hash(im_files: list[str], label_files: list[str], key: str = "") -> str:
@@ -267,13 +282,13 @@ def _verify_all(img_files, label_files, nc, single_cls, prefix, workers, desc) -
     args = [(i, lb, nc, single_cls, prefix) for i, lb in zip(img_files, label_files)]
     counts = {"labelled": 0, "missing": 0, "empty": 0, "corrupt": 0}
     results = []
-    with ThreadPool(max(1, min(workers, len(args)))) as pool:
-        bar = tqdm(pool.imap(_verify_star, args, chunksize=8), total=len(args), desc=desc)
-        for r in bar:
+    with ThreadPool(max(1, min(workers, len(args)))) as pool, tqdm(total=len(args), desc=desc) as bar:
+        for r in pool.imap(_verify_star, args, chunksize=8):
             results.append(r)
             counts[r.status] += 1
-            bar.set_description(f"{desc} {counts['labelled']} images, {counts['missing'] + counts['empty']} "
-                                f"backgrounds, {counts['corrupt']} corrupt", refresh=False)
+            text = _counts_text(counts["labelled"], counts["missing"] + counts["empty"], counts["corrupt"])
+            bar.set_description(f"{desc} {text}", refresh=False)
+            bar.update()
     return results
 
 

@@ -117,12 +117,13 @@ class _Tracking:
         if not cfg.mlflow.enabled:
             return
         try:
-            from yolo.tracking import Tracker, TrackingConfig, command_line, flatten_dict, git_commit, sweep_parent
+            from yolo.sweep import parent_run_for_sweep
+            from yolo.tracking import Tracker, TrackingConfig, command_line, flatten_dict, git_commit
 
             tcfg = TrackingConfig(**_container(cfg.mlflow))
             if tcfg.parent_run_id is None and resume_run_id is None:
-                tcfg.parent_run_id = sweep_parent(tcfg, _project_root(cfg))
-            self.tracker = Tracker(tcfg, default_dir=_project_root(cfg))
+                tcfg.parent_run_id = parent_run_for_sweep(cfg.mlflow, project_root(cfg))
+            self.tracker = Tracker(tcfg, default_dir=project_root(cfg))
             tags = {"command": command_line(), "git_commit": git_commit() or "unknown",
                     "save_dir": str(save_dir), "hydra_overrides": _hydra_overrides()}
             self.tracker.start(params=flatten_dict(_container(cfg)), tags=tags, resume_run_id=resume_run_id)
@@ -144,8 +145,9 @@ class _Tracking:
         return call
 
 
-def _project_root(cfg) -> Path:
-    return Path(cfg.project).resolve().parent if Path(cfg.project).name == "train" else Path(cfg.project).resolve()
+def project_root(cfg) -> Path:
+    """Where the local MLflow store lives: the parent of ``project`` (``runs/`` for ``runs/train``)."""
+    return Path(cfg.project).resolve().parent
 
 
 def _hydra_overrides() -> str:
@@ -199,7 +201,9 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
     py_rng = random.Random(cfg.seed)
 
     # ---- data config -------------------------------------------------------------------------------------------
-    data = load_data_config(cfg.data, cfg.datasets_dir)
+    from yolo.config import data_source
+
+    data = load_data_config(data_source(cfg.data), cfg.datasets_dir)
     ensure_dataset(data)
     nc = 1 if cfg.single_cls else data.nc
     names = ["item"] if cfg.single_cls and len(data.names) != 1 else list(data.names)
@@ -217,8 +221,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
     if weights_ckpt is not None:
         # a chosen architecture or anchor count brings its own anchors (upstream's rule); resume restores all
         exclude = ["anchor"] if (cfg.model is not None or hyp.anchors) and resume_ckpt is None else []
-        n, total = transfer_weights(model, weights_ckpt.state_dict, exclude=exclude)
-        log.info(f"Transferred {n}/{total} items from {cfg.weights or cfg.resume}")
+        transfer_weights(model, weights_ckpt.state_dict, exclude=exclude, source=cfg.weights or cfg.resume)
     if cfg.freeze:
         frozen = freeze_layers(model, list(cfg.freeze))
         log.info(f"Freezing {len(frozen)} parameter tensors of layers {list(cfg.freeze)}")
@@ -383,7 +386,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
         if f.exists():
             strip_optimizer(f)
     if best.exists() and not cfg.noval:
-        from yolo.models import load_model
+        from yolo.checkpoint import load_model
 
         best_model, _ = load_model(best, fuse=True)
         best_model.to(device)

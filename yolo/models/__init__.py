@@ -21,3 +21,4 @@ __all__ = [
     "model_summary",
     "parse_model",
 ]
+

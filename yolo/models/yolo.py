@@ -254,11 +254,23 @@ class DetectionModel(nn.Module):
 
     @property
     def stride(self) -> torch.Tensor:
+        """Output strides ``(nl,)``, e.g. ``tensor([8., 16., 32.])`` (the Detect layer's buffer)."""
         return self.detect.stride
+
+    @stride.setter
+    def stride(self, value) -> None:
+        with torch.no_grad():
+            self.detect.stride.copy_(torch.as_tensor(value, dtype=self.detect.stride.dtype))
 
     @property
     def nc(self) -> int:
+        """Number of classes (fixed by the Detect layer; assigning the same value is allowed, as upstream does)."""
         return self.detect.nc
+
+    @nc.setter
+    def nc(self, value: int) -> None:
+        if int(value) != self.detect.nc:
+            raise ValueError(f"model has nc={self.detect.nc}; build a new model to change it to {value}")
 
     def forward(self, x: torch.Tensor):
         outputs: list[torch.Tensor | None] = []

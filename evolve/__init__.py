@@ -1,0 +1,23 @@
+"""Hyperparameter evolution: YOLOv5's mutation search and Optuna's samplers over one resumable, parallel ledger.
+
+``python run_evolve.py generations=300 ...`` or, from Python::
+
+    from evolve import evolve
+    results = evolve(cfg)  # cfg: an evolve.config.EvolveConfig (conf/evolve.yaml)
+
+Modules: :mod:`evolve.space` (the search space), :mod:`evolve.mutation` (upstream's parent selection and
+mutation), :mod:`evolve.samplers` (every strategy as an Optuna sampler), :mod:`evolve.ledger` (storage, evolve.csv,
+hyp_evolve.yaml, evolve.png), :mod:`evolve.driver` (the loop, workers, pruning, MLflow).
+"""
+
+from __future__ import annotations
+
+__all__ = ["evolve", "EvolveResults"]
+
+
+def __getattr__(name):  # lazy: importing the package stays cheap
+    if name in __all__:
+        from evolve import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'evolve' has no attribute {name!r}")

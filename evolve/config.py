@@ -1,0 +1,58 @@
+"""Config schema of ``run_evolve.py``, registered in Hydra's ConfigStore as ``evolve_schema``.
+
+:class:`EvolveConfig` is the training schema (:class:`yolo.config.TrainConfig`, every field at the top level, so
+``model=``, ``data=``, ``epochs=``, ``hyp.lr0=``... mean what they mean to ``run_train.py``) plus ``generations``
+and the evolution settings under ``evolve:``. A mistyped key fails before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from yolo.config import TrainConfig
+
+
+@dataclass
+class EvolveSettings:
+    """``evolve.*``: how the search runs (see conf/evolve.yaml for what each does)."""
+
+    strategy: str = "mutation"  # mutation (YOLOv5's) | tpe | cmaes | gp | random | qmc
+    seed: int = 0  # seeds the search (upstream seeds its mutation from the clock)
+    parent: str = "single"  # mutation parent selection: single | weighted
+    space: Dict[str, Any] = field(default_factory=dict)  # key: [gain, lower, upper] (checked by evolve.space)
+    search_anchors: Optional[bool] = None  # null: searched unless starting from weights (or noautoanchor)
+    out_dir: Optional[str] = None  # null: ${project}/${name}
+    storage: Optional[str] = None  # null: journal file in out_dir; or a path; or an SQLAlchemy URL
+    study_name: str = "evolve"
+    workers: int = 1  # processes evaluating generations concurrently
+    devices: List[str] = field(default_factory=list)  # one per worker, round-robin (default: `device` for all)
+    pruner: str = "none"  # none | median | hyperband
+    pruner_startup: int = 5  # median: generations finished before any is pruned
+    pruner_warmup_epochs: int = 0  # median: epochs of a generation before it may be pruned
+    resume_from_csv: Optional[str] = None  # an evolve.csv (upstream's or ours) to seed a new study
+    max_retries: int = 1  # times a generation whose worker died is run again (0: skip it)
+    max_consecutive_failures: int = 3  # a worker stops after this many generations failing in a row
+    heartbeat_s: int = 60  # RDB storages: heartbeat period (stale after twice that)
+    poll_s: float = 2.0  # how often a waiting worker / the monitor looks at the storage
+    keep_weights: bool = False  # keep each generation's last.pt/best.pt
+    plot: bool = True  # write evolve.png
+    train_fn: Optional[str] = None  # "module:function" replacing yolo.engine.trainer.train (tests, benchmarks)
+    sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra arguments of the strategy's sampler
+
+
+@dataclass
+class EvolveConfig(TrainConfig):
+    """``run_evolve.py``: the training config of every generation, plus the evolution."""
+
+    generations: int = 300  # finished generations wanted in total (a resumed run counts the earlier ones)
+    evolve: EvolveSettings = field(default_factory=EvolveSettings)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="evolve_schema", node=EvolveConfig)
+
+
+register_configs()

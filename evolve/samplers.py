@@ -1,0 +1,164 @@
+"""Every strategy as an Optuna sampler over the same space, so storage, resume, workers and pruning are shared.
+
+``mutation`` (the default) is YOLOv5's search (:mod:`evolve.mutation`) wrapped in :class:`MutationSampler`;
+``tpe``, ``cmaes``, ``gp``, ``random`` and ``qmc`` are Optuna's own samplers. Whatever the strategy, the study's
+first trial is the base hyps, enqueued by :func:`enqueue_base` when the study is created.
+
+Each trial's complete hyps (searched keys, and the gain-0 keys a strategy may not change) are kept in the trial:
+the mutation sampler writes them to the system attribute :data:`HYP_ATTR` when it samples, and the driver stores
+them as the user attribute ``hyp`` once the generation is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from evolve import mutation
+from evolve.space import SearchSpace
+
+log = logging.getLogger("yolo.evolve")
+
+STRATEGIES = ("mutation", "tpe", "cmaes", "gp", "random", "qmc")
+ALIASES = {"upstream": "mutation", "ga": "mutation", "genetic": "mutation", "cma": "cmaes", "cma-es": "cmaes",
+           "sobol": "qmc"}
+HYP_ATTR = "evolve:hyp"  # system attr: the complete hyps a sampler chose for a trial
+BASE_ATTR = "evolve:base"  # user attr of the enqueued first trial
+METRICS_ATTR = "metrics"  # user attr: the 7 evolve.csv metrics of a finished generation
+FULL_HYP_ATTR = "hyp"  # user attr: the complete hyps a generation trained with
+
+
+def canonical_strategy(name: str) -> str:
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in STRATEGIES:
+        raise ValueError(f"evolve.strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    return key
+
+
+def trial_history(trials: Sequence[FrozenTrial], keys: Sequence[str], base: Mapping[str, Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Finished generations as upstream reads them from evolve.csv: (values (n, k), fitness (n,)).
+
+    COMPLETE trials only, in trial-number order; numbers rounded to 5 significant digits like the CSV.
+    """
+    rows, fits = [], []
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state != TrialState.COMPLETE:
+            continue
+        hyp = {**base, **t.system_attrs.get(HYP_ATTR, {}), **t.params, **t.user_attrs.get(FULL_HYP_ATTR, {})}
+        rows.append([mutation.csv_value(hyp[k]) for k in keys])
+        metrics = t.user_attrs.get(METRICS_ATTR)
+        if metrics is not None and len(metrics) >= 4:
+            fits.append(float(mutation.fitness([mutation.csv_value(m) for m in metrics[:4]])[0]))
+        else:
+            fits.append(float(t.value if t.value is not None else 0.0))
+    return np.asarray(rows, dtype=float).reshape(len(rows), len(keys)), np.asarray(fits, dtype=float)
+
+
+def trial_rng(seed: int | None, number: int) -> np.random.Generator:
+    """The random stream of one generation: a function of the evolution seed and the trial number only, so a
+    resumed or parallel search draws what an uninterrupted one would have drawn for that trial."""
+    return np.random.default_rng(None if seed is None else [int(seed) & 0xFFFFFFFF, int(number)])
+
+
+class MutationSampler(BaseSampler):
+    """YOLOv5's parent selection + mutation as an Optuna sampler (single objective, maximised)."""
+
+    def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
+                 parent: str = "single", top: int = mutation.TOP_N, mutation_prob: float = mutation.MUTATION_PROB,
+                 sigma: float = mutation.SIGMA) -> None:
+        if parent not in mutation.PARENT_METHODS:
+            raise ValueError(f"evolve.parent must be one of {mutation.PARENT_METHODS}, got {parent!r}")
+        self.space = space
+        self.base = {k: v for k, v in base.items() if v is not None}
+        self.seed = seed
+        self.parent = parent
+        self.top = top
+        self.mutation_prob = mutation_prob
+        self.sigma = sigma
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.space.distributions()
+
+    def propose(self, study: optuna.Study, number: int) -> dict[str, float]:
+        """The complete hyps of trial ``number`` given the study's finished generations."""
+        keys = self.space.keys
+        values, fit = trial_history(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), keys, self.base)
+        if len(fit) == 0:  # parallel workers while generation 1 (the base, queued first) still runs: mutate it
+            values, fit = np.array([[float(self.base[k]) for k in keys]]), np.zeros(1)
+        child = mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit,
+                                 trial_rng(self.seed, number), method=self.parent, top=self.top,
+                                 mutation_prob=self.mutation_prob, sigma=self.sigma)
+        return {**self.base, **child}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if trial.params or "fixed_params" in trial.system_attrs:
+            return {}  # enqueued (the base hyps) or a retry: its values are fixed already
+        hyp = trial.system_attrs.get(HYP_ATTR)
+        if hyp is None:
+            hyp = self.propose(study, trial.number)
+            study._storage.set_trial_system_attr(trial._trial_id, HYP_ATTR, hyp)
+        return {k: hyp[k] for k in search_space if k in hyp}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if param_name in self.base and param_distribution._contains(
+                param_distribution.to_internal_repr(self.base[param_name])):
+            return self.base[param_name]
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        pass  # the random stream is derived from (seed, trial number), not held
+
+
+def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
+                 parent: str = "single", worker: int = 0, kwargs: Mapping[str, Any] | None = None) -> BaseSampler:
+    """The sampler of a strategy. ``worker`` > 0 offsets Optuna samplers' seeds so parallel workers differ
+    (the mutation sampler needs no offset: its stream depends on the trial number)."""
+    strategy = canonical_strategy(strategy)
+    kw = dict(kwargs or {})
+    if strategy == "mutation":
+        return MutationSampler(space, base, seed=seed, parent=parent, **kw)
+    s = None if seed is None else int(seed) + int(worker)
+    samplers = optuna.samplers
+    if strategy == "tpe":
+        return samplers.TPESampler(seed=s, **kw)
+    if strategy == "random":
+        return samplers.RandomSampler(seed=s, **kw)
+    if strategy == "qmc":
+        kw.setdefault("scramble", True)
+        kw.setdefault("warn_asynchronous_seeding", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return samplers.QMCSampler(seed=None if seed is None else int(seed), **kw)
+    if strategy == "gp":
+        return samplers.GPSampler(seed=s, **kw)
+    if strategy == "cmaes":
+        import importlib.util
+
+        if importlib.util.find_spec("cmaes") is None:
+            raise ImportError("evolve.strategy=cmaes needs the 'cmaes' package: pip install cmaes")
+        return samplers.CmaEsSampler(seed=s, **kw)  # its mean starts near the first (base) trial
+    raise AssertionError(strategy)
+
+
+def enqueue_base(study: optuna.Study, space: SearchSpace, base: Mapping[str, Any]) -> None:
+    """Queue the base hyps as the study's first trial (generation 1 trains them unchanged)."""
+    study.enqueue_trial({k: float(base[k]) for k in space.tuned_keys}, user_attrs={BASE_ATTR: True},
+                        skip_if_exists=True)
+
+
+def trial_hyp(trial: FrozenTrial, base: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete hyps of a trial: the base, what the sampler chose, then the suggested params."""
+    return {**base, **trial.system_attrs.get(HYP_ATTR, {}), **trial.params}

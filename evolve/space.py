@@ -1,0 +1,168 @@
+"""The search space: upstream's ``meta`` table (``key: [gain, lower, upper]``) as data, and which keys are searched.
+
+The table lives in config (``conf/evolve_space/default.yaml`` → ``cfg.evolve.space``) so a user can change gains
+and limits. A key's *gain* scales its mutation (0: never mutated, but still clipped to its limits); the limits
+bound every strategy. Keys of the training hyps that the table does not name are not searched: they keep the
+base value in every generation.
+
+``anchors`` is special (see :func:`build_space`): searching it changes the number of anchors per output level,
+so the detection head is rebuilt and pretrained head weights no longer transfer. When evolution starts from
+pretrained ``weights`` it stays out of the search unless the user asks (``evolve.search_anchors=true``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("yolo.evolve")
+
+# The order of the training hyps (yolo.config.HypConfig): evolve.csv columns and mutation vectors follow it.
+HYP_KEYS: tuple[str, ...] = (
+    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box", "cls",
+    "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate",
+    "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste", "anchors",
+)
+
+DEFAULT_ANCHORS = 3.0  # anchors per level that upstream assumes when the hyps do not say
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One row of the table: mutation gain and the [lower, upper] limits."""
+
+    gain: float
+    lower: float
+    upper: float
+
+
+@dataclass
+class SearchSpace:
+    """The searched keys (in hyp order) with their bounds, and why any other key is not searched."""
+
+    bounds: dict[str, Bound]
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every searched key, gain 0 included (the mutation draws one factor per key, as upstream)."""
+        return list(self.bounds)
+
+    @property
+    def tuned_keys(self) -> list[str]:
+        """Keys a strategy may change (gain > 0); Optuna's samplers suggest only these."""
+        return [k for k, b in self.bounds.items() if b.gain > 0]
+
+    @property
+    def gains(self):
+        import numpy as np
+
+        return np.array([b.gain for b in self.bounds.values()], dtype=float)
+
+    def limits(self) -> dict[str, tuple[float, float]]:
+        return {k: (b.lower, b.upper) for k, b in self.bounds.items()}
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna distributions of the tuned keys (uniform on [lower, upper])."""
+        from optuna.distributions import FloatDistribution
+
+        return {k: FloatDistribution(self.bounds[k].lower, self.bounds[k].upper) for k in self.tuned_keys}
+
+    def as_table(self) -> dict[str, list[float]]:
+        return {k: [b.gain, b.lower, b.upper] for k, b in self.bounds.items()}
+
+
+def parse_table(table: Mapping[str, Any], known: Sequence[str] = HYP_KEYS) -> dict[str, Bound]:
+    """Validate a ``key: [gain, lower, upper]`` table; an unknown key or a bad row fails naming the key."""
+    out: dict[str, Bound] = {}
+    for key, row in dict(table).items():
+        if key not in known:
+            raise ValueError(f"evolve.space: unknown hyperparameter {key!r} (known: {', '.join(known)})")
+        try:
+            gain, lower, upper = (float(x) for x in row)
+        except (TypeError, ValueError):
+            raise ValueError(f"evolve.space.{key}: expected [gain, lower, upper], got {row!r}") from None
+        if not all(math.isfinite(x) for x in (gain, lower, upper)):
+            raise ValueError(f"evolve.space.{key}: values must be finite, got {row!r}")
+        if gain < 0:
+            raise ValueError(f"evolve.space.{key}: gain must be >= 0, got {gain}")
+        if lower > upper:
+            raise ValueError(f"evolve.space.{key}: lower limit {lower} is above upper limit {upper}")
+        out[key] = Bound(gain, lower, upper)
+    return out
+
+
+def anchors_per_level(model_cfg: Mapping[str, Any] | None) -> float:
+    """Anchors per output level of a model config (``anchors: 3`` or a list of per-level pixel pairs)."""
+    anchors = (model_cfg or {}).get("anchors") if isinstance(model_cfg, Mapping) else None
+    if isinstance(anchors, (int, float)) and anchors > 0:
+        return float(anchors)
+    if isinstance(anchors, Sequence) and anchors and isinstance(anchors[0], Sequence) and len(anchors[0]) >= 2:
+        return float(len(anchors[0]) // 2)
+    return DEFAULT_ANCHORS
+
+
+def build_space(
+    table: Mapping[str, Any],
+    base_hyp: Mapping[str, Any],
+    *,
+    weights: str | None = None,
+    noautoanchor: bool = False,
+    search_anchors: bool | None = None,
+    model_cfg: Mapping[str, Any] | None = None,
+) -> tuple[SearchSpace, dict[str, float | None]]:
+    """The search space and the base hyps of generation 1.
+
+    ``anchors`` is searched when ``search_anchors`` is true, never when it is false, and by default (None) unless
+    the run starts from pretrained ``weights`` or autoanchor is off (upstream drops it with ``--noautoanchor``).
+    When it is searched and the base hyps leave it unset, the base value is the model's own anchors per level.
+    Returns ``(space, base)``: ``base`` holds every hyp key in :data:`HYP_KEYS` order (``anchors`` None when it is
+    neither searched nor set), clipped to the limits and rounded like every later generation.
+    """
+    bounds = parse_table(table)
+    base: dict[str, float | None] = {}
+    for k in HYP_KEYS:
+        v = base_hyp.get(k) if isinstance(base_hyp, Mapping) else None
+        base[k] = None if v is None else float(v)
+    excluded: dict[str, str] = {}
+
+    if "anchors" in bounds:
+        reason = None
+        if search_anchors is False:
+            reason = "evolve.search_anchors=false"
+        elif search_anchors is None and weights:
+            reason = (f"starting from pretrained weights ({weights}): a mutated anchor count rebuilds the Detect head "
+                      f"and discards its pretrained weights; set evolve.search_anchors=true to search it anyway")
+        elif search_anchors is None and noautoanchor:
+            reason = "noautoanchor=true (as upstream, anchors are not evolved without autoanchor)"
+        if reason:
+            excluded["anchors"] = reason
+            del bounds["anchors"]
+            log.info(f"evolve: 'anchors' is not searched: {reason}")
+        else:
+            if search_anchors and weights:
+                log.warning(f"WARNING: evolve: searching 'anchors' although starting from {weights}: generations "
+                            f"whose anchor count changes will not reuse the pretrained Detect head")
+            if base["anchors"] is None:
+                base["anchors"] = anchors_per_level(model_cfg)
+
+    for k in HYP_KEYS:
+        if k not in bounds and k not in excluded:
+            excluded[k] = "not in evolve.space"
+        if base[k] is None and k in bounds:
+            raise ValueError(f"evolve: hyp.{k} has no value but evolve.space searches it")
+    ordered = {k: bounds[k] for k in HYP_KEYS if k in bounds}
+    space = SearchSpace(ordered, excluded)
+
+    from evolve.mutation import constrain
+
+    base.update(constrain({k: base[k] for k in ordered}, space.limits()))
+    return space, base
+
+
+def csv_columns(base: Mapping[str, Any]) -> list[str]:
+    """The hyp columns of evolve.csv: every hyp key with a value (``anchors`` only when it has one)."""
+    return [k for k in HYP_KEYS if base.get(k) is not None]

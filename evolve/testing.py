@@ -1,0 +1,133 @@
+"""A stand-in for ``yolo.engine.trainer.train`` that costs nothing: for tests, smoke runs and strategy benchmarks.
+
+``fake_train(cfg, callbacks=(), save_dir=None)`` scores the hyps with a smooth deterministic function (a peak at
+:data:`TARGET`), calls ``on_epoch_end`` every epoch like the trainer (fitness growing with the epoch; with
+``noval`` only the final epoch is validated), honours ``StopTraining`` from a callback, and, when
+``cfg.mlflow.enabled``, records a child run through :class:`yolo.tracking.Tracker` as the trainer would.
+
+Behaviour for process-level tests, from the environment:
+
+- ``YOLO_FAKE_TRAIN_SLEEP``: seconds to sleep per call;
+- ``YOLO_FAKE_TRAIN_MARKERS``: a folder where each call first writes a file named after its run (``cfg.name``);
+- ``YOLO_FAKE_TRAIN_HANG_AT``: with markers, the call that finds exactly that many markers before its own sleeps
+  for an hour (a worker to kill mid-generation; its retry, finding more markers, does not hang).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGET = {"lr0": 0.02, "momentum": 0.9, "box": 0.08, "cls": 0.8, "obj": 1.5, "hsv_s": 0.5, "scale": 0.3,
+          "mosaic": 0.8, "translate": 0.2, "weight_decay": 0.0006}
+SCALE = {"lr0": 0.1, "momentum": 0.38, "box": 0.18, "cls": 3.8, "obj": 3.8, "hsv_s": 0.9, "scale": 0.9,
+         "mosaic": 1.0, "translate": 0.9, "weight_decay": 0.001}
+
+
+@dataclass
+class FakeResults:
+    """The fields of ``yolo.engine.trainer.TrainResults`` that evolution reads."""
+
+    precision: float = 0.0
+    recall: float = 0.0
+    map50: float = 0.0
+    map: float = 0.0
+    val_losses: tuple = (0.0, 0.0, 0.0)
+    fitness: float = 0.0
+    best_fitness: float = 0.0
+    epochs_completed: int = 0
+    save_dir: str = ""
+    mlflow_run_id: str | None = None
+    stopped_early: bool = False
+    pruned: bool = False
+    history: list = field(default_factory=list)
+
+
+def score(hyp: dict[str, Any]) -> float:
+    """mAP50-95 of a hyp set: 0.6 at :data:`TARGET`, smoothly lower away from it."""
+    d = sum(((float(hyp.get(k, v)) - v) / SCALE[k]) ** 2 for k, v in TARGET.items())
+    return 0.6 * math.exp(-4.0 * d)
+
+
+def fake_train(cfg, callbacks=(), save_dir=None) -> FakeResults:
+    from omegaconf import OmegaConf
+
+    from yolo.engine.callbacks import CallbackList, StopTraining
+
+    markers = os.environ.get("YOLO_FAKE_TRAIN_MARKERS")
+    if markers:
+        folder = Path(markers)
+        folder.mkdir(parents=True, exist_ok=True)
+        earlier = sum(not p.name.startswith(".") for p in folder.iterdir())
+        (folder / str(cfg.name)).write_text(str(os.getpid()))
+        hang_at = os.environ.get("YOLO_FAKE_TRAIN_HANG_AT")
+        if hang_at is not None and earlier == int(hang_at) and _claim(folder / ".hang"):
+            (folder / ".hanging").write_text(f"{os.getpid()} {cfg.name}")
+            time.sleep(3600)
+    time.sleep(float(os.environ.get("YOLO_FAKE_TRAIN_SLEEP", "0") or 0))
+
+    hyp = OmegaConf.to_container(cfg.hyp, resolve=True)
+    final = score(hyp)
+    epochs = max(1, int(cfg.epochs))
+    res = FakeResults(save_dir=str(save_dir or ""))
+    tracker = _child_run(cfg, hyp)
+    cbs = CallbackList(callbacks)
+    try:
+        for epoch in range(epochs):
+            last = epoch == epochs - 1
+            m = final * (epoch + 1) / epochs if (last or not cfg.noval) else 0.0
+            res.map, res.map50 = m, min(1.0, 1.6 * m)
+            res.precision, res.recall = min(1.0, 0.5 + m / 2), min(1.0, 0.3 + m)
+            res.val_losses = (0.05 - 0.02 * m, 0.03 - 0.01 * m, 0.02 - 0.01 * m)
+            res.fitness = 0.1 * res.map50 + 0.9 * res.map
+            res.best_fitness = max(res.best_fitness, res.fitness)
+            metrics = {"metrics/precision": res.precision, "metrics/recall": res.recall,
+                       "metrics/mAP_0.5": res.map50, "metrics/mAP_0.5:0.95": res.map, "fitness": res.fitness}
+            res.history.append({"epoch": epoch, **metrics})
+            res.epochs_completed = epoch + 1
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=epoch)
+            cbs.on_epoch_end(epoch, metrics)
+    except StopTraining as e:
+        res.stopped_early, res.pruned = True, e.pruned
+    if tracker is not None:
+        res.mlflow_run_id = tracker.run_id
+        tracker.end("KILLED" if res.pruned else "FINISHED")
+    return res
+
+
+def _claim(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def compose(overrides: list[str] = ()):
+    """The composed ``conf/evolve.yaml`` with Hydra overrides, outside a Hydra app (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import evolve.config  # noqa: F401  (registers the schema)
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose(config_name="evolve", overrides=list(overrides))
+
+
+def _child_run(cfg, hyp):
+    if not cfg.mlflow.enabled:
+        return None
+    from omegaconf import OmegaConf
+
+    from yolo.tracking import Tracker, TrackingConfig
+
+    tracker = Tracker(TrackingConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)),
+                      default_dir=Path(cfg.project).resolve())
+    tracker.start(params={"hyp": hyp, "epochs": cfg.epochs}, tags={"yolo.fake_train": "1"})
+    return tracker
