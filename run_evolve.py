@@ -3,11 +3,13 @@
 Running the same command again continues the evolution; see conf/evolve.yaml for the settings.
 """
 
+import sys
+
 import hydra
 
 import evolve.config  # noqa: F401  (registers the config schema)
 import yolo.config  # noqa: F401
-from yolo.cli import exit_on_user_error
+from yolo.cli import exit_on_user_error, rewrite_data_override
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evolve")
@@ -22,4 +24,5 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = rewrite_data_override(sys.argv)  # data=path/to/custom.yaml works as for run_train.py
     main()

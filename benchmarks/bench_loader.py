@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,8 +177,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating ours/upstream rounds")
     ap.add_argument("--no-upstream", action="store_true", help="measure ours only")
     args = ap.parse_args()
-    epochs, rounds = (1, 1) if args.quick else (args.epochs, args.rounds)
     workdir = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> None:
+    epochs, rounds = (1, 1) if args.quick else (args.epochs, args.rounds)
     print(f"COCO128 train loader, imgsz {SETTINGS['imgsz']}, batch {SETTINGS['batch']}, {SETTINGS['workers']} "
           f"workers, mosaic + scratch-low augmentation, no cache; {epochs} timed epoch(s) x {rounds} round(s); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -187,6 +187,11 @@ def _tracking_location(cfg: DictConfig) -> tuple[str | None, Path]:
         return cfg.mlflow.tracking_uri, root
 
 
+def _data_name(setup: _Setup) -> Any:
+    data = setup.train_container.get("data")
+    return (data.get("file") or data.get("path")) if isinstance(data, dict) else data
+
+
 def _redact(where: str) -> str:
     try:
         from yolo.tracking import _redact as redact
@@ -499,8 +504,8 @@ class _ParentRun:
                        if k not in ("space", "out_dir", "storage", "devices", "sampler_kwargs")},
             "space": {k: ",".join(f"{x:g}" for x in row) for k, row in setup.space.as_table().items()},
             "base": setup.base,
-            "train": {k: setup.train_container.get(k) for k in ("data", "weights", "epochs", "imgsz", "batch_size",
-                                                                 "seed", "optimizer")},
+            "train": {**{k: setup.train_container.get(k) for k in ("weights", "epochs", "imgsz", "batch_size", "seed",
+                                                                    "optimizer")}, "data": _data_name(setup)},
         })
         tags = {"yolo.evolve.out_dir": str(setup.out_dir), "yolo.evolve.study": setup.study_name,
                 "yolo.evolve.storage": f"{setup.storage_kind}:{_redact(setup.storage_where)}",

@@ -50,13 +50,13 @@ def test_single_parent_drawn_with_probability_proportional_to_weight_among_top5(
     fit = np.array([0.10, 0.50, 0.20, 0.05, 0.40, 0.30, 0.01])  # 7 rows, top 5 = idx 1, 4, 5, 2, 0
     values = np.arange(7, dtype=float).reshape(7, 1)  # row i holds value i
     rng = np.random.default_rng(0)
-    n = 40_000
+    n = 20_000
     picks = np.array([mutation.select_parent(values, fit, rng, "single")[0] for _ in range(n)]).astype(int)
     top = [1, 4, 5, 2, 0]
     w = fit[top] - fit[top].min() + 1e-6
     expected = w / w.sum()
     freq = np.array([(picks == i).mean() for i in top])
-    assert np.allclose(freq, expected, atol=0.01)
+    assert np.allclose(freq, expected, atol=0.012)
     assert set(np.unique(picks)) <= set(top)  # rows 3 and 6 are outside the top 5
     assert (picks == 0).mean() < 0.001  # the 5th best has weight 1e-6
 

@@ -141,3 +141,29 @@ def plot_confusion_matrix(matrix, names=(), save_path="confusion_matrix.png", no
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tight_layout may complain about long tick labels
         return _save(fig, save_path, dpi)
+
+
+RESULTS_PANELS = (
+    "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+    "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+)
+
+
+def plot_results(csv_path, save_path="results.png", dpi=200):
+    """``results.png``: one panel per loss/metric column of ``results.csv`` against epoch (raw and smoothed)."""
+    from yolo.engine.results_csv import read
+
+    rows = read(csv_path)
+    if not rows:
+        return None
+    epochs = np.array([r["epoch"] for r in rows])
+    fig = Figure(figsize=(12, 6), tight_layout=True)
+    axes = fig.subplots(2, 5).ravel()
+    for ax, key in zip(axes, RESULTS_PANELS):
+        y = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+        ax.plot(epochs, y, marker=".", linewidth=2, markersize=8, label="results")
+        if len(y) > 2:
+            ax.plot(epochs, smooth(y, 0.1), ":", linewidth=2, label="smooth")
+        ax.set_title(key, fontsize=12)
+    axes[0].legend()
+    return _save(fig, save_path, dpi)

@@ -226,8 +226,12 @@ def run(cfg) -> ValResults:
     data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
     split = data.split(cfg.split)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
-    nc = 1 if cfg.single_cls else (cfg.nc or data.nc)
-    model, _ = load_model(cfg.weights, model_cfg=model_cfg, nc=nc, fuse=cfg.fuse)
+    model, _ = load_model(cfg.weights, model_cfg=model_cfg, nc=cfg.nc, fuse=cfg.fuse)
+    if not cfg.single_cls and model.nc != data.nc:
+        from yolo.data.config import DatasetError
+
+        raise DatasetError(f"{cfg.weights} predicts {model.nc} classes but {data.source or data.path} has "
+                           f"nc={data.nc}: pass the data config the weights were trained on")
     model.to(device)
     if cfg.half and device.type == "cuda":
         model.half()

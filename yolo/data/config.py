@@ -92,9 +92,10 @@ def find_data_yaml(data: str | Path) -> Path:
     if p.is_file():
         return p.resolve()
     bundled = conf_dir() / "data"
-    for candidate in (bundled / p.name, bundled / f"{p.name}.yaml", bundled / f"{p.name}.yml"):
-        if p.parent == Path(".") and candidate.is_file():
-            return candidate
+    if p.parent == Path("."):  # a bare name: look in conf/data/
+        for candidate in (bundled / p.name, bundled / f"{p.name}.yaml", bundled / f"{p.name}.yml"):
+            if candidate.is_file():
+                return candidate
     known = sorted(x.stem for x in bundled.glob("*.yaml"))
     raise DatasetError(f"data config {str(data)!r} not found: not a file, nor one of conf/data/: {known}")
 

@@ -269,7 +269,6 @@ def scan_dataset(img_files: list[str], nc: int, cache_path: str | Path | None = 
             save_label_cache(cache_path, scan, key, prefix)
     for msg in scan.messages:
         log.warning(msg)
-    log.info(f"{prefix}{scan.summary}")
     if not scan.im_files:
         raise DatasetError(f"{prefix}no usable images in {source}: all {scan.total} image/label pairs are corrupt "
                            f"(first: {scan.messages[0] if scan.messages else '?'})")

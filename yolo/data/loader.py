@@ -21,6 +21,7 @@ from yolo.data.dataset import Draw, YoloDataset
 
 log = logging.getLogger("yolo")
 PIN_MEMORY = str(os.getenv("PIN_MEMORY", "true")).lower() == "true"
+ORDER_STREAM = 0x5A3  # salt that keeps the epoch order's random stream apart from the per-sample streams
 
 
 class EpochSampler(Sampler):
@@ -34,8 +35,8 @@ class EpochSampler(Sampler):
 
     def order(self, epoch: int) -> np.ndarray:
         n = len(self.dataset)
-        rng = np.random.default_rng([self.seed, epoch, 0x5A3])
-        weights = getattr(self.dataset, "image_weights", None)
+        rng = np.random.default_rng([self.seed, epoch, ORDER_STREAM])
+        weights = self.dataset.image_weights
         if weights is not None:
             return rng.choice(n, size=n, p=weights / weights.sum())
         return rng.permutation(n) if self.shuffle else np.arange(n)

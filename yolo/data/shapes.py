@@ -39,7 +39,7 @@ SPLITS = {"train": 0, "val": 1}
 
 # geometry / layout parameters
 IMG_MIN, IMG_MAX = 192, 320  # image side range (pixels), each side drawn independently
-SIZE_MIN, SIZE_MAX = 0.14, 0.45  # object size as a fraction of the image's short side
+SIZE_MIN, SIZE_MAX = 0.15, 0.5  # object size as a fraction of the image's short side
 MAX_OBJECTS = 6
 BACKGROUND_EVERY = 20  # every 20th image (index % 20 == 19) has no objects
 PNG_EVERY = 10  # every 10th image (index % 10 == 0) is written as PNG, the rest as JPEG
@@ -112,10 +112,10 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """Mid-tone base colour + low-frequency colour texture + faint clutter lines, as int16."""
     base = rng.uniform(60, 190, 3)
     gh, gw = rng.integers(3, 9, 2)
-    coarse = rng.uniform(-35, 35, (int(gh), int(gw), 3)).astype(np.float32)
+    coarse = rng.uniform(-22, 22, (int(gh), int(gw), 3)).astype(np.float32)
     texture = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     img = np.clip(base[None, None] + texture, 0, 255).astype(np.uint8)
-    for _ in range(int(rng.integers(0, 5))):  # faint lines
+    for _ in range(int(rng.integers(0, 4))):  # faint lines
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         c = np.clip(base + rng.uniform(-30, 30, 3), 0, 255)
@@ -131,7 +131,7 @@ def _contrasting_colour(mean_bgr: np.ndarray, rng: np.random.Generator) -> tuple
     for _ in range(20):
         hsv = np.uint8([[[rng.integers(0, 180), rng.integers(90, 256), rng.integers(30, 256)]]])
         c = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(float)
-        if abs(luma(c) - luma(mean_bgr)) >= 55 or np.abs(c - mean_bgr).sum() >= 220:
+        if abs(luma(c) - luma(mean_bgr)) >= 60 or np.abs(c - mean_bgr).sum() >= 250:
             return tuple(c)
     return (15.0, 15.0, 15.0) if luma(mean_bgr) > 110 else (245.0, 245.0, 245.0)
 
@@ -187,7 +187,7 @@ def render_image(seed: int, split: str, index: int) -> tuple[np.ndarray, list[Sh
             objects.append(ShapeObject(cls, (x1, y1, x2, y2), m))
             break
     # sensor-like noise over everything, sometimes a slight blur
-    noise = rng.integers(-10, 11, img.shape, dtype=np.int16)
+    noise = rng.integers(-6, 7, img.shape, dtype=np.int16)
     img = cv2.add(img, noise, dtype=cv2.CV_8U)  # saturating
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (3, 3), 0)

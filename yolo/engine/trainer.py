@@ -181,8 +181,9 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
         if not resume_ckpt.config:
             from yolo.checkpoint import CheckpointError
             raise CheckpointError(f"{ckpt_path}: checkpoint holds no training config, cannot resume")
-        base = OmegaConf.structured(type(OmegaConf.to_object(cfg)) if isinstance(cfg, DictConfig) else cfg)
-        cfg = OmegaConf.merge(base, resume_ckpt.config)
+        from yolo.config import TrainConfig
+
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), resume_ckpt.config)
         cfg.resume = str(ckpt_path)
         save_dir = ckpt_path.parent.parent
         log.info(f"Resuming training from {ckpt_path} (epoch {resume_ckpt.epoch + 1} of {cfg.epochs})")
