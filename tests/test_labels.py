@@ -237,3 +237,17 @@ def test_scan_coco128(tmp_path):
     assert (scan.total, scan.labelled, scan.backgrounds, scan.corrupt, scan.instances) == (128, 126, 2, 0, 929)
     assert scan.summary.endswith("126 images, 2 backgrounds, 0 corrupt")
     assert (tmp_path / "coco128.cache").is_file()
+
+
+def test_png_image_is_valid(tmp_path):
+    """A plain PNG scans as a good image (reading EXIF before verify() used to mark every PNG corrupt)."""
+    import cv2
+
+    img = tmp_path / "images" / "a.png"
+    img.parent.mkdir(parents=True)
+    cv2.imwrite(str(img), np.full((32, 48, 3), 200, np.uint8))
+    lbl = tmp_path / "labels" / "a.txt"
+    lbl.parent.mkdir(parents=True)
+    lbl.write_text("0 0.5 0.5 0.2 0.2\n")
+    res = verify_image_label(str(img), str(lbl), nc=1)
+    assert res.status == "labelled" and res.size == (48, 32), res

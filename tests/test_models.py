@@ -167,12 +167,6 @@ def test_nc_override_and_names():
     assert model.stride.tolist() == [8.0, 16.0, 32.0] and model.detect.stride is model.stride
 
 
-def test_load_model_alias():
-    from yolo import checkpoint, models
-
-    assert models.load_model is checkpoint.load_model
-
-
 def test_fuse_matches_unfused():
     torch.manual_seed(0)
     model = DetectionModel(CONF_MODEL / "yolov5n.yaml").eval()

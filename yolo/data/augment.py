@@ -407,21 +407,22 @@ def mosaic4(
     return canvas, _mosaic_labels(labels, shapes, layout, s)
 
 
-def _sampled_region(M: np.ndarray, perspective: bool, out_wh: tuple[int, int], src_wh: tuple[int, int]):
-    """Bounding rectangle ``(x0, y0, x1, y1)`` of the source pixels a bilinear warp by ``M`` into ``out_wh``
-    can read (with a safety margin), clipped to the source; ``None`` when nothing is read."""
+def _sampled_region(inv: np.ndarray, out_wh: tuple[int, int], src_wh: tuple[int, int]):
+    """Bounding rectangle ``(x0, y0, x1, y1)`` of the source pixels that a bilinear warp with the dst -> src map
+    ``inv`` (2x3 affine or 3x3 projective) into ``out_wh`` can read, with a safety margin, clipped to the
+    source; ``None`` when it reads nothing."""
     width, height = out_wh
     sw, sh = src_wh
     corners = np.array([[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]], float)
-    inv = np.linalg.inv(M)
     pts = corners @ inv.T
-    if perspective:
+    if inv.shape[0] == 3:
         if not (pts[:, 2] > 1e-9).all():  # the output rectangle reaches the horizon: read everything
             return 0, 0, sw, sh
         pts = pts[:, :2] / pts[:, 2:3]
-    else:
-        pts = pts[:, :2]
-    margin = 3  # bilinear reads floor(p) and floor(p) + 1; plus fixed-point slack
+    # a projective map sends the output rectangle to a convex quadrilateral (denominator positive throughout),
+    # so its corners bound every sampled position; bilinear reads floor(p) and floor(p) + 1, plus slack for
+    # OpenCV's fixed-point rounding
+    margin = 3
     x0 = max(int(math.floor(pts[:, 0].min())) - margin, 0)
     y0 = max(int(math.floor(pts[:, 1].min())) - margin, 0)
     x1 = min(int(math.ceil(pts[:, 0].max())) + margin + 1, sw)
@@ -474,7 +475,8 @@ def mosaic_perspective(
     # The warp reads the canvas only inside ``region`` (the bounding box of the output's inverse image, plus
     # the interpolation margin). Only that part of a reused, otherwise stale, 4-channel canvas is filled, and the
     # warp is then called exactly as on a complete canvas (same source size, same map): identical pixels.
-    region = _sampled_region(M, bool(perspective), (width, height), (s2, s2))
+    inv = _inverse_map(M, bool(perspective))
+    region = _sampled_region(inv, (width, height), (s2, s2))
     if region is None:  # the transform looks entirely outside the canvas
         return np.full((height, width, 3), GREY, dtype=np.uint8), labels_out
     vx0, vy0, vx1, vy1 = region
@@ -503,7 +505,7 @@ def mosaic_perspective(
             src = im[y1b + cy0 - y1a : y1b + cy1 - y1a, x1b + cx0 - x1a : x1b + cx1 - x1a]
             cv2.cvtColor(src, cv2.COLOR_BGR2BGRA, dst=canvas[cy0:cy1, cx0:cx1])
 
-    return _warp_bgra(canvas, _inverse_map(M, bool(perspective)), (width, height)), labels_out
+    return _warp_bgra(canvas, inv, (width, height)), labels_out
 
 
 # ------------------------------------------------------------------------------------------------- others

@@ -105,11 +105,14 @@ def verify_image_label(img_path, label_path, nc: int, single_cls: bool = False, 
 
 def verify_image(path: str) -> tuple[tuple[int, int], str]:
     """(width, height) after EXIF orientation, and a note for a recoverable problem; raises when unusable."""
-    with Image.open(path) as im:
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-        im.verify()
+    with Image.open(path) as im:  # verify() must come straight after open (reading EXIF first loads a PNG)
         w, h = im.size
         fmt = (im.format or "").lower()
+        im.verify()
+    orientation = 1
+    if fmt in ("jpeg", "mpo", "tiff", "webp"):
+        with Image.open(path) as im:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     if orientation in TRANSPOSED_ORIENTATIONS:
         w, h = h, w
     if w < 10 or h < 10:

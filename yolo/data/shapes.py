@@ -109,7 +109,7 @@ def _object_polygon(cls: int, side: float, rng: np.random.Generator) -> np.ndarr
 
 
 def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """Mid-tone base colour + low-frequency colour texture + faint clutter lines, as int16."""
+    """Mid-tone base colour + low-frequency colour texture + a few faint clutter lines (uint8 BGR)."""
     base = rng.uniform(60, 190, 3)
     gh, gw = rng.integers(3, 9, 2)
     coarse = rng.uniform(-22, 22, (int(gh), int(gw), 3)).astype(np.float32)
