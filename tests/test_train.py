@@ -81,12 +81,13 @@ def test_unreachable_tracking_server_warns_and_trains(tiny_shapes, tmp_path, cap
 
 
 def test_multirun_sweep_groups_runs_under_one_parent(tiny_shapes, tmp_path):
+    """``-m`` with 2 values, run by the joblib launcher in 2 parallel processes: 2 child runs, 1 parent."""
     from mlflow.tracking import MlflowClient
 
     db = tmp_path / "mlflow.db"
     args = [a for a in train_overrides(tiny_shapes, tmp_path, "epochs=1", "noplots=true") if "data" not in a]
     cmd = [sys.executable, "run_train.py", "-m", "hyp.lr0=0.001,0.01", f"data={tiny_shapes}", *args,
-           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 

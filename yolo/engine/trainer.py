@@ -312,6 +312,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
             mloss = torch.zeros(3, device=device)
             log.info(PROGRESS_HEADER)
             pbar = tqdm(enumerate(train_loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+            t_epoch = time.perf_counter()
             optimizer.zero_grad()
             for i, (imgs, targets, paths, _) in pbar:
                 ni = i + nb * epoch
@@ -340,6 +341,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
                     _plot_batch_background(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
             lr = [g["lr"] for g in optimizer.param_groups]
             scheduler.step()
+            epoch_train_s = time.perf_counter() - t_epoch
 
             # ---- end of epoch: validate, record, save --------------------------------------------------------
             ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
@@ -355,7 +357,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
             if fi > best_fitness:
                 best_fitness = fi
             results_csv.append_row(csv_path, epoch, row)
-            metrics = {**row, "fitness": fi, "best_fitness": best_fitness}
+            metrics = {**row, "fitness": fi, "best_fitness": best_fitness, "time/epoch_train_s": epoch_train_s}
             results.history.append({"epoch": epoch, **metrics})
             tracking.log_metrics(metrics, step=epoch)
 

@@ -1,0 +1,98 @@
+"""Training speed, ours vs upstream YOLOv5 7.0.14, on CPU (not part of CI).
+
+    python benchmarks/bench_train.py --models yolov5n yolov5s --epochs 3
+
+Both sides train from scratch on COCO128 at imgsz 320, batch 16, 2 workers, hyp scratch-low, no plots, each in its
+own process, alternating.  Images/s = 128 images / the training time of an epoch (the batch loop only, validation
+excluded), median over the epochs after the first.  Peak memory is the largest resident set of any process of the
+run (main or loader worker), from getrusage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from upstream import ROOT, SHARED, coco128_yaml, run_upstream  # noqa: E402
+
+N_IMAGES = 128
+
+
+def ours(model: str, epochs: int, work: Path) -> dict:
+    code = f"""
+import json, sys
+sys.argv = ['run_train.py']
+import yolo.config
+from hydra import compose, initialize_config_dir
+from yolo.engine.trainer import train
+with initialize_config_dir(version_base='1.3', config_dir='{ROOT / 'conf'}'):
+    cfg = compose('train', ['model={model}', 'data=coco128', 'imgsz=320', 'batch_size=16', 'epochs={epochs}',
+                            'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false',
+                            'project={work / 'ours'}'])
+r = train(cfg)
+import resource
+rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+print('RESULT', json.dumps({{'epoch_s': [h['time/epoch_train_s'] for h in r.history], 'rss_mb': rss}}))
+"""
+    env = dict(os.environ, DATASETS_DIR=str(SHARED / "datasets"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    m = re.search(r"RESULT (.*)", out.stdout)
+    if not m:
+        raise SystemExit(f"ours failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(m[1])
+
+
+def upstream(model: str, epochs: int, work: Path) -> dict:
+    yaml = coco128_yaml(work)
+    code = f"""
+import json, time
+from yolov5.utils import callbacks as cb
+stamps = []
+_run = cb.Callbacks.run
+def run(self, hook, *a, **k):
+    if hook in ('on_train_epoch_start', 'on_train_epoch_end'):
+        stamps.append((hook, time.perf_counter()))
+    return _run(self, hook, *a, **k)
+cb.Callbacks.run = run
+from yolov5 import train
+train.run(data='{yaml}', cfg='{model}.yaml', weights='', imgsz=320, batch_size=16, epochs={epochs}, workers=2,
+          device='cpu', noplots=True, project='{work / 'up'}', name='{model}', exist_ok=True)
+starts = [t for h, t in stamps if h == 'on_train_epoch_start']
+ends = [t for h, t in stamps if h == 'on_train_epoch_end']
+import resource
+rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+print('RESULT', json.dumps({{'epoch_s': [e - s for s, e in zip(starts, ends)], 'rss_mb': rss}}))
+"""
+    out = run_upstream(code, work)
+    m = re.search(r"RESULT (.*)", out.stdout)
+    if not m:
+        raise SystemExit(f"upstream failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(m[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov5s"])
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    print(f"{'model':10}{'side':10}{'img/s':>8}{'peak RSS MB':>13}  epoch seconds")
+    for model in args.models:
+        for side, fn in (("upstream", upstream), ("ours", ours)):
+            r = fn(model, args.epochs, work)
+            times = r["epoch_s"][1:] or r["epoch_s"]
+            ips = N_IMAGES / statistics.median(times)
+            print(f"{model:10}{side:10}{ips:8.1f}{r['rss_mb']:13.0f}  {[round(t, 1) for t in r['epoch_s']]}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
