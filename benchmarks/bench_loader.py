@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upstream import ROOT, SHARED, run_upstream  # noqa: E402
+from upstream import ROOT, SHARED, linked_coco128, run_upstream  # noqa: E402
 
 IMAGES = SHARED / "datasets" / "coco128" / "images" / "train2017"
 HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.5, shear=0.0, perspective=0.0,
@@ -100,18 +100,6 @@ def run_ours(epochs: int, workdir: Path, cache=None, watch_memory: bool = False)
 def run_theirs(epochs: int, workdir: Path) -> dict:
     code = TIMING + UPSTREAM.format(path=str(linked_coco128(workdir)), hyp=HYP, epochs=epochs, **SETTINGS)
     return _result(run_upstream(code, workdir), "upstream")
-
-
-def linked_coco128(workdir: Path) -> Path:
-    """COCO128 seen through symlinks under ``workdir``: upstream writes its label cache next to the labels
-    folder, which must not be the read-only shared copy."""
-    root = workdir / "coco128"
-    for kind in ("images", "labels"):
-        link = root / kind / "train2017"
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(IMAGES.parents[1] / kind / "train2017")
-    return root / "images" / "train2017"
 
 
 class MemoryWatcher:

@@ -41,7 +41,7 @@ def ours(imgsz: int, batch: int, workdir: Path) -> dict:
 def upstream(imgsz: int, batch: int, workdir: Path) -> dict:
     yaml = coco128_yaml(workdir)
     code = (f"from yolov5 import val\nimport json\n"
-            f"r, maps, t = val.run(data='{yaml}', weights='{WEIGHTS}', imgsz={imgsz}, batch_size={batch}, "
+            f"r, maps, *_, t = val.run(data='{yaml}', weights='{WEIGHTS}', imgsz={imgsz}, batch_size={batch}, "
             f"conf_thres=0.001, iou_thres=0.6, device='cpu', workers=2, project='{workdir}', name='up', plots=False)\n"
             f"print('RESULT', json.dumps({{'r': list(map(float, r)), 't': list(map(float, t))}}))")
     out = run_upstream(code, workdir)

@@ -40,12 +40,27 @@ def upstream_env(workdir: Path) -> dict[str, str]:
     return env
 
 
+def linked_coco128(workdir: Path) -> Path:
+    """COCO128 seen through symlinks under ``workdir`` (returns its images folder): upstream writes its label
+    cache next to the labels folder, which must not be the shared copy."""
+    root = workdir / "coco128"
+    for kind in ("images", "labels"):
+        link = root / kind / "train2017"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(SHARED / "datasets" / "coco128" / kind / "train2017")
+    return root / "images" / "train2017"
+
+
 def coco128_yaml(workdir: Path) -> Path:
-    """An upstream-format coco128.yaml pointing at ../shared/datasets/coco128 (no download key)."""
-    names = (ROOT / "conf" / "data" / "coco128.yaml").read_text().split("names:", 1)[1]
+    """An upstream-format coco128.yaml for COCO128 (through :func:`linked_coco128`), with no download key."""
+    import yaml
+
+    names = yaml.safe_load((ROOT / "conf" / "data" / "coco128.yaml").read_text())["names"]
+    root = linked_coco128(workdir).parents[1]
     path = workdir / "coco128.yaml"
-    path.write_text(f"path: {SHARED / 'datasets' / 'coco128'}\ntrain: images/train2017\nval: images/train2017\n"
-                    f"names:{names}")
+    path.write_text(yaml.safe_dump({"path": str(root), "train": "images/train2017", "val": "images/train2017",
+                                    "names": names}))
     return path
 
 

@@ -137,6 +137,7 @@ class MlflowConfig:
     run_name: Optional[str] = None
     parent_run_id: Optional[str] = None
     timeout_s: float = 5.0
+    log_weights: bool = True  # upload best.pt as an artifact (evolution turns this off: one per generation)
 
 
 @dataclass

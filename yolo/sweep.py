@@ -34,7 +34,7 @@ def _tracker(mlflow_cfg: Any, default_dir: Path):
 
     from yolo.tracking import Tracker, TrackingConfig
 
-    fields = OmegaConf.to_container(mlflow_cfg, resolve=True) if not isinstance(mlflow_cfg, dict) else mlflow_cfg
+    fields = OmegaConf.to_container(mlflow_cfg, resolve=True) if not isinstance(mlflow_cfg, dict) else dict(mlflow_cfg)
     return Tracker(TrackingConfig(**fields), default_dir=default_dir)
 
 

@@ -76,7 +76,7 @@ _BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]" if os.name == "nt" else r"[^/\w.\- :]
 
 @dataclass
 class TrackingConfig:
-    """MLflow settings (``tracking:`` in the Hydra config)."""
+    """MLflow settings (``mlflow:`` in the Hydra config, :class:`yolo.config.MlflowConfig`)."""
 
     enabled: bool = True
     tracking_uri: str | None = None  # None: env MLFLOW_TRACKING_URI, else <default_dir>/mlflow.db
@@ -84,6 +84,7 @@ class TrackingConfig:
     run_name: str | None = None
     parent_run_id: str | None = None  # make every run of this tracker a child of this run
     timeout_s: float = 5.0  # how long an unreachable tracking server may delay us, per call
+    log_weights: bool = True  # read by the trainer: upload best.pt as an artifact
 
 
 # --------------------------------------------------------------------------------------------

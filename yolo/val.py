@@ -99,6 +99,7 @@ def validate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    model.to(memory_format=torch.channels_last)  # NHWC convolutions: markedly faster on CPU (oneDNN)
     use_half = half and device.type == "cuda"
     nc = 1 if single_cls else len(names)
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
@@ -112,7 +113,7 @@ def validate(
     bar = tqdm(dataloader, desc=desc or TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
     for batch_i, (im, targets, paths, shapes) in enumerate(bar):
         t0 = sync_time(device)
-        im = im.to(device, non_blocking=True)
+        im = im.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         im = im.half() if use_half else im.float()
         im /= 255
         targets = targets.to(device)
