@@ -64,7 +64,7 @@ def run(loader, epochs):
 UPSTREAM = """
 from yolov5.utils.dataloaders import create_dataloader
 loader, _ = create_dataloader({path!r}, {imgsz}, {batch}, 32, hyp={hyp!r}, augment=True, workers={workers},
-                              shuffle=True, cache=None, prefix='')
+                              shuffle=True, cache={cache!r}, prefix='')
 run(loader, {epochs})
 """
 
@@ -97,8 +97,9 @@ def run_ours(epochs: int, workdir: Path, cache=None, watch_memory: bool = False)
     return result
 
 
-def run_theirs(epochs: int, workdir: Path) -> dict:
-    code = TIMING + UPSTREAM.format(path=str(linked_coco128(workdir)), hyp=HYP, epochs=epochs, **SETTINGS)
+def run_theirs(epochs: int, workdir: Path, cache=None) -> dict:
+    code = TIMING + UPSTREAM.format(path=str(linked_coco128(workdir)), hyp=HYP, epochs=epochs, cache=cache,
+                                    **SETTINGS)
     return _result(run_upstream(code, workdir), "upstream")
 
 
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (after 1 warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating ours/upstream rounds")
     ap.add_argument("--no-upstream", action="store_true", help="measure ours only")
+    ap.add_argument("--cache", choices=["none", "ram"], default="none",
+                    help="image cache mode, the same on both sides (default: none)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
@@ -175,14 +178,15 @@ def main() -> None:
 def measure(args: argparse.Namespace, workdir: Path) -> None:
     epochs, rounds = (1, 1) if args.quick else (args.epochs, args.rounds)
     print(f"COCO128 train loader, imgsz {SETTINGS['imgsz']}, batch {SETTINGS['batch']}, {SETTINGS['workers']} "
-          f"workers, mosaic + scratch-low augmentation, no cache; {epochs} timed epoch(s) x {rounds} round(s); "
+          f"workers, mosaic + scratch-low augmentation, cache={args.cache}; {epochs} timed epoch(s) x {rounds} "
+          f"round(s); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     sides = [("ours", run_ours)] + ([] if args.no_upstream else [("upstream", run_theirs)])
     results = {who: [] for who, _ in sides}
     for r in range(rounds):
         print(f"  round {r + 1}:", end="", flush=True)
         for who, fn in sides:
-            res = fn(epochs, workdir)
+            res = fn(epochs, workdir, cache=None if args.cache == "none" else args.cache)
             results[who].append(res)
             print(f"  {who} {res['img_per_s']:6.1f} img/s ({res['cpu_ms_per_img']:5.1f} CPU-ms/img)", end="",
                   flush=True)
@@ -193,7 +197,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     if len(summary) == 2:
         (o_ips, o_cpu), (t_ips, t_cpu) = summary["ours"], summary["upstream"]
         print(f"ours / upstream: {o_ips / t_ips:.2f}x images/s (wall clock), {t_cpu / o_cpu:.2f}x less CPU per image")
-    if not args.quick:
+    if not args.quick and args.cache == "none":
         for cache in ("ram", None):
             mem = run_ours(1, workdir, cache=cache, watch_memory=True)
             print(f"ours cache={cache!r}: {mem['img_per_s']:.1f} img/s; peak RSS main {mem['main_rss_mb']:.0f} MB, "

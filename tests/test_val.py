@@ -89,6 +89,7 @@ def test_bad_image_folder(tmp_path, layout):
     if layout == "empty":
         (root / "images" / "val").mkdir(parents=True)
     data = tmp_path / "custom.yaml"
-    data.write_text(f"path: {root}\ntrain: images/val\nval: images/val\nnames: [a, b]\n")
+    names = [f"class{i}" for i in range(80)]  # as many as the weights predict, so the data is what fails
+    data.write_text(f"path: {root}\ntrain: images/val\nval: images/val\nnames: {names}\n")
     out = run_val(f"weights={WEIGHTS}", f"data={data}", tmp_path=tmp_path)
     assert_one_error_line(out, "images/val")

@@ -120,8 +120,7 @@ class _Tracking:
             from yolo.sweep import parent_run_for_sweep
             from yolo.tracking import Tracker, TrackingConfig, command_line, flatten_dict, git_commit
 
-            fields = _container(cfg.mlflow)
-                    tcfg = TrackingConfig(**fields)
+            tcfg = TrackingConfig(**_container(cfg.mlflow))
             if tcfg.parent_run_id is None and resume_run_id is None:
                 tcfg.parent_run_id = parent_run_for_sweep(cfg.mlflow, project_root(cfg))
             self.tracker = Tracker(tcfg, default_dir=project_root(cfg))
