@@ -380,8 +380,7 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> Non
     raise TimeoutError("mlflow server did not become ready")
 
 
-@pytest.mark.slow  # `mlflow server` needs ~10-20 s to start on 2 busy cores; whole test ~25 s
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(180)  # `mlflow server` needs ~10-20 s to start on 2 cores; the whole test takes ~25 s
 def test_end_to_end_http_server(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
