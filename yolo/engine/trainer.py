@@ -23,8 +23,14 @@ from tqdm import tqdm
 
 from yolo.engine import results_csv
 from yolo.engine.callbacks import CallbackList, StopTraining
-from yolo.engine.optim import (accumulate_steps, apply_warmup, build_optimizer, lr_lambda, scaled_weight_decay,
-                               warmup_iterations)
+from yolo.engine.optim import (
+    accumulate_steps,
+    apply_warmup,
+    build_optimizer,
+    lr_lambda,
+    scaled_weight_decay,
+    warmup_iterations,
+)
 from yolo.engine.setup import check_img_size, hydra_output_dir, increment_dir, init_seeds
 
 log = logging.getLogger("yolo")
@@ -317,7 +323,8 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
             optimizer.zero_grad()
             for i, (imgs, targets, paths, _) in pbar:
                 ni = i + nb * epoch
-                imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last).float() / 255
+                imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                imgs = imgs.float() / 255
                 if ni <= nw:
                     accumulate = apply_warmup(optimizer, ni, nw, lf(epoch), hyp, batch_size)
                 if cfg.multi_scale:
@@ -448,8 +455,8 @@ def _class_weights(labels, nc: int) -> torch.Tensor:
     """Inverse class frequency, normalised (upstream's labels_to_class_weights)."""
     if not len(labels):
         return torch.ones(nc) / nc
-    classes = np.concatenate([lb[:, 0] for lb in labels if len(lb)], 0).astype(int) if any(
-        len(lb) for lb in labels) else np.zeros(0, int)
+    present = [lb[:, 0] for lb in labels if len(lb)]
+    classes = np.concatenate(present, 0).astype(int) if present else np.zeros(0, int)
     weights = np.bincount(classes, minlength=nc).astype(float)
     weights[weights == 0] = 1
     weights = 1 / weights
@@ -461,7 +468,8 @@ def _plot_labels_background(dataset, names, save_dir: Path) -> None:
     try:
         from yolo.data.plots import plot_labels, run_in_background
 
-        labels = np.concatenate([lb for lb in dataset.labels if len(lb)], 0) if len(dataset.labels) else np.zeros((0, 5))
+        present = [lb for lb in dataset.labels if len(lb)]
+        labels = np.concatenate(present, 0) if present else np.zeros((0, 5))
         run_in_background(plot_labels, labels, names, save_dir / "labels.jpg")
     except Exception as e:
         log.warning(f"WARNING: labels plot failed: {e}")
