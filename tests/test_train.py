@@ -105,8 +105,11 @@ def test_multirun_sweep_groups_runs_under_one_parent(tiny_shapes, tmp_path):
 
 
 def test_sigkill_then_resume_finishes_all_epochs(tiny_shapes, tmp_path):
+    """Killed mid-training, resumed from last.pt: all epochs done, in the same folder and the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "killed"
-    args = train_overrides(tiny_shapes, tmp_path, "epochs=3", "noplots=true", "mlflow.enabled=false")
+    args = train_overrides(tiny_shapes, tmp_path, "epochs=3", "noplots=true")
     cmd = [sys.executable, "run_train.py", *args, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -123,7 +126,9 @@ def test_sigkill_then_resume_finishes_all_epochs(tiny_shapes, tmp_path):
 
     killed_at = load_checkpoint(last).epoch
     assert killed_at < 2, "the run finished before it could be killed; make it longer"
-    out = subprocess.run([sys.executable, "run_train.py", f"resume={last}", "mlflow.enabled=false",
+    run_id = load_checkpoint(last).extra["mlflow_run_id"]
+    assert run_id
+    out = subprocess.run([sys.executable, "run_train.py", f"resume={last}",
                           f"hydra.run.dir={tmp_path / 'resume_launch'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -131,3 +136,9 @@ def test_sigkill_then_resume_finishes_all_epochs(tiny_shapes, tmp_path):
     assert [int(float(r.split(",")[0])) for r in rows] == [0, 1, 2]
     assert "Resuming training from" in out.stdout + out.stderr
     assert load_checkpoint(last).optimizer is None  # finished: stripped, as upstream does at the end
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("yolo").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # the resumed run continued, no second run
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "metrics/mAP_0.5")]
+    assert sorted(set(steps)) == [0, 1, 2]
