@@ -18,33 +18,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from yolo.engine.trainer import TrainResults
 
 TARGET = {"lr0": 0.02, "momentum": 0.9, "box": 0.08, "cls": 0.8, "obj": 1.5, "hsv_s": 0.5, "scale": 0.3,
           "mosaic": 0.8, "translate": 0.2, "weight_decay": 0.0006}
 SCALE = {"lr0": 0.1, "momentum": 0.38, "box": 0.18, "cls": 3.8, "obj": 3.8, "hsv_s": 0.9, "scale": 0.9,
          "mosaic": 1.0, "translate": 0.9, "weight_decay": 0.001}
-
-
-@dataclass
-class FakeResults:
-    """The fields of ``yolo.engine.trainer.TrainResults`` that evolution reads."""
-
-    precision: float = 0.0
-    recall: float = 0.0
-    map50: float = 0.0
-    map: float = 0.0
-    val_losses: tuple = (0.0, 0.0, 0.0)
-    fitness: float = 0.0
-    best_fitness: float = 0.0
-    epochs_completed: int = 0
-    save_dir: str = ""
-    mlflow_run_id: str | None = None
-    stopped_early: bool = False
-    pruned: bool = False
-    history: list = field(default_factory=list)
 
 
 def score(hyp: dict[str, Any]) -> float:
@@ -53,7 +35,7 @@ def score(hyp: dict[str, Any]) -> float:
     return 0.6 * math.exp(-4.0 * d)
 
 
-def fake_train(cfg, callbacks=(), save_dir=None) -> FakeResults:
+def fake_train(cfg, callbacks=(), save_dir=None) -> TrainResults:
     from omegaconf import OmegaConf
 
     from yolo.engine.callbacks import CallbackList, StopTraining
@@ -73,7 +55,7 @@ def fake_train(cfg, callbacks=(), save_dir=None) -> FakeResults:
     hyp = OmegaConf.to_container(cfg.hyp, resolve=True)
     final = score(hyp)
     epochs = max(1, int(cfg.epochs))
-    res = FakeResults(save_dir=str(save_dir or ""))
+    res = TrainResults(save_dir=str(save_dir or ""))
     tracker = _child_run(cfg, hyp)
     cbs = CallbackList(callbacks)
     try:

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 LOGGER = logging.getLogger(__name__)
@@ -289,13 +290,8 @@ def _plain(value: Any) -> Any:
         return _plain(value.value)
     if isinstance(value, Path):
         return str(value)
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return _plain(OmegaConf.to_container(value, resolve=True))
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return _plain(OmegaConf.to_container(value, resolve=True))
     if isinstance(value, Mapping):
         return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): _plain(v)
                 for k, v in value.items()}

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -31,7 +31,13 @@ from yolo.engine.optim import (
     scaled_weight_decay,
     warmup_iterations,
 )
-from yolo.engine.setup import check_img_size, hydra_output_dir, increment_dir, init_seeds
+from yolo.engine.setup import (
+    check_img_size,
+    hydra_output_dir,
+    increment_dir,
+    init_seeds,
+)
+from yolo.models.yolo import to_plain
 
 log = logging.getLogger("yolo")
 
@@ -96,10 +102,6 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
     return frozen
 
 
-def _container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
 def _find_resume_checkpoint(resume, project: str) -> Path:
     """``resume=true`` → the newest ``last.pt`` under ``project``; ``resume=path`` → that file."""
     from yolo.checkpoint import CheckpointError
@@ -124,15 +126,21 @@ class _Tracking:
             return
         try:
             from yolo.sweep import parent_run_for_sweep
-            from yolo.tracking import Tracker, TrackingConfig, command_line, flatten_dict, git_commit
+            from yolo.tracking import (
+                Tracker,
+                TrackingConfig,
+                command_line,
+                flatten_dict,
+                git_commit,
+            )
 
-            tcfg = TrackingConfig(**_container(cfg.mlflow))
+            tcfg = TrackingConfig(**to_plain(cfg.mlflow))
             if tcfg.parent_run_id is None and resume_run_id is None:
                 tcfg.parent_run_id = parent_run_for_sweep(cfg.mlflow, project_root(cfg))
             self.tracker = Tracker(tcfg, default_dir=project_root(cfg))
             tags = {"command": command_line(), "git_commit": git_commit() or "unknown",
                     "save_dir": str(save_dir), "hydra_overrides": _hydra_overrides()}
-            self.tracker.start(params=flatten_dict(_container(cfg)), tags=tags, resume_run_id=resume_run_id)
+            self.tracker.start(params=flatten_dict(to_plain(cfg)), tags=tags, resume_run_id=resume_run_id)
         except Exception as e:  # tracking must never kill a run
             log.warning(f"WARNING: MLflow tracking disabled: {e}")
             self.tracker = None
@@ -167,7 +175,12 @@ def _hydra_overrides() -> str:
 
 def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None) -> TrainResults:
     """Train a detector as configured by ``cfg`` (a validated :class:`yolo.config.TrainConfig`)."""
-    from yolo.checkpoint import load_checkpoint, save_checkpoint, strip_optimizer, transfer_weights
+    from yolo.checkpoint import (
+        load_checkpoint,
+        save_checkpoint,
+        strip_optimizer,
+        transfer_weights,
+    )
     from yolo.data.config import ensure_dataset, load_data_config
     from yolo.data.loader import create_dataloader
     from yolo.device import select_device
@@ -217,7 +230,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
 
     # ---- model -------------------------------------------------------------------------------------------------
     weights_ckpt = resume_ckpt or (load_checkpoint(cfg.weights) if cfg.weights else None)
-    model_cfg = _container(cfg.model) if cfg.model is not None else None
+    model_cfg = to_plain(cfg.model) if cfg.model is not None else None
     if model_cfg is None:
         if weights_ckpt is None:
             raise ValueError("no model: choose model=yolov5n|s|m|l|x or give weights=path/to/checkpoint.pt")
@@ -259,7 +272,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
     scheduler.last_epoch = start_epoch - 1
 
     # ---- loaders -----------------------------------------------------------------------------------------------
-    hyp_dict = _container(hyp)
+    hyp_dict = to_plain(hyp)
     train_loader, dataset = create_dataloader(
         data.train, imgsz, batch_size, gs, hyp=hyp_dict, augment=True, rect=cfg.rect, workers=cfg.workers,
         shuffle=not cfg.rect, seed=cfg.seed, cache=cfg.cache, image_weights=cfg.image_weights,
@@ -372,7 +385,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
             if not cfg.nosave or final_epoch:
                 extra = {"mlflow_run_id": tracking.run_id, "save_dir": str(save_dir)}
                 common = dict(model=model, ema=ema.ema, optimizer=optimizer, epoch=epoch, best_fitness=best_fitness,
-                              updates=ema.updates, config=_container(cfg), extra=extra)
+                              updates=ema.updates, config=to_plain(cfg), extra=extra)
                 save_checkpoint(last, **common)
                 if best_fitness == fi:
                     save_checkpoint(best, **common)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from yolo.models.common import C3, SPPF, Bottleneck, Concat, Conv, default_activation
@@ -131,13 +132,8 @@ def _resolve_arg(a: Any, names: Mapping[str, Any]) -> Any:
 
 def to_plain(cfg: Any) -> Any:
     """An OmegaConf node, mapping or sequence -> plain dicts/lists (deep copy)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
     if isinstance(cfg, Mapping):
         return {k: to_plain(v) for k, v in cfg.items()}
     if isinstance(cfg, (list, tuple)):
