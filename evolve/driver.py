@@ -109,7 +109,7 @@ class _Setup:
         self.columns = csv_columns(self.base)
         self.storage_kind, self.storage_where = ledger.describe_storage(ev.storage, self.out_dir)
         self.study_name = str(ev.study_name)
-        self.lock = ledger.FileLock(self.out_dir / ".evolve.lock")
+        self.lock = ledger.evolution_lock(self.out_dir, ev.storage, self.study_name)  # all machines, for an RDB
         devices = [str(d) for d in (ev.devices or [])]
         self.device = devices[worker % len(devices)] if devices else str(cfg.device)
         full = OmegaConf.to_container(cfg, resolve=True)
@@ -133,7 +133,7 @@ class _Setup:
     # ---- study -------------------------------------------------------------------------------------------------
     def storage(self) -> optuna.storages.BaseStorage:
         return ledger.open_storage(self.settings.storage, self.out_dir, heartbeat_s=self.settings.heartbeat_s,
-                                   max_retries=self.settings.max_retries)
+                                   grace_s=self.settings.heartbeat_grace_s, max_retries=self.settings.max_retries)
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         return samplers.make_sampler(self.strategy, self.space, self.base, seed=self.settings.seed,

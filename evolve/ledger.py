@@ -19,10 +19,13 @@ import csv
 import io
 import logging
 import math
+import hashlib
 import os
+import random
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -286,9 +289,18 @@ def describe_storage(spec: str | None, out_dir: str | os.PathLike) -> tuple[str,
     return "journal", str(Path(spec).resolve())
 
 
+DRIVER_HINTS = {"postgresql": "psycopg2-binary (pip install 'yolo-hydra[postgres]')",
+                "mysql": "PyMySQL (pip install pymysql; URL mysql+pymysql://...)"}
+
+
 def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: int = 60,
-                 max_retries: int = 1) -> optuna.storages.BaseStorage:
-    """Open (creating if needed) the evolution's storage; see :func:`describe_storage`."""
+                 grace_s: int | None = None, max_retries: int = 1) -> optuna.storages.BaseStorage:
+    """Open (creating if needed) the evolution's storage; see :func:`describe_storage`.
+
+    An RDB storage records heartbeats: a RUNNING trial without one for ``grace_s`` (default twice ``heartbeat_s``)
+    belongs to a dead worker (:func:`recover_stale_trials`). Workers started at the same moment against a new
+    database create its tables one at a time (a lock in the database server, :class:`DatabaseLock`).
+    """
     kind, where = describe_storage(spec, out_dir)
     if kind == "journal":
         from optuna.storages import JournalStorage
@@ -296,17 +308,166 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
 
         Path(where).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(where, lock_obj=JournalFileOpenLock(where)))
+    import sqlalchemy.exc
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else None
     if where.startswith("sqlite:///"):
         Path(where[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat_s = max(1, int(heartbeat_s))
+    grace_s = max(heartbeat_s + 1, int(grace_s)) if grace_s else 2 * heartbeat_s
 
-    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:  # when Optuna's own fail_stale_trials runs
         retry_trial(study, trial, max_retries, reason="no heartbeat")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(where, engine_kwargs=engine_kwargs, heartbeat_interval=int(heartbeat_s),
-                                          grace_period=int(heartbeat_s) * 2, heartbeat_stale_trial_callback=on_stale)
+    lock = database_lock(where, "schema") or contextlib.nullcontext()
+    for attempt in range(4):
+        try:
+            with lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(where, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                                  grace_period=grace_s, heartbeat_stale_trial_callback=on_stale)
+        except ModuleNotFoundError as e:
+            hint = DRIVER_HINTS.get(_dialect(where), "its SQLAlchemy driver")
+            raise ModuleNotFoundError(f"evolve.storage={_redact_url(where)} needs the database driver "
+                                      f"{e.name!r}: install {hint}") from e
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                optuna.exceptions.StorageInternalError) as e:  # tables created concurrently by another worker
+            if attempt == 3:
+                raise
+            log.debug(f"evolve: opening the storage raced with another worker ({type(e).__name__}), retrying")
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")
+
+
+def _dialect(url: str) -> str:
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+def _redact_url(url: str) -> str:
+    """The URL without its password."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://..."
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``name`` (PostgreSQL advisory locks take a bigint)."""
+    return int.from_bytes(hashlib.sha256(f"yolo-evolve:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+class DatabaseLock:
+    """An exclusive lock between processes on any machines that use one database server, held in the server:
+    a PostgreSQL advisory lock, or MySQL/MariaDB's ``GET_LOCK``. The server releases it when its holder's
+    connection drops, so a killed worker never keeps it; a vanished machine's connection is dropped by the
+    server's TCP keepalives (set to about a minute for this connection on PostgreSQL). Re-entrant within one
+    process. One short-lived connection per acquisition, apart from the storage's own pool."""
+
+    DIALECTS = ("postgresql", "mysql", "mariadb")
+
+    def __init__(self, url: str, name: str):
+        self.url, self.name = url, name
+        self.dialect = _dialect(url)
+        if self.dialect not in self.DIALECTS:
+            raise ValueError(f"no database lock for {self.dialect}")
+        self.key = _lock_key(name)
+        self._engine = None
+        self._conn = None
+        self._depth = 0
+        self._thread_lock = threading.RLock()
+
+    def _lock_sql(self) -> tuple[list[str], str, str]:
+        """(session set-up statements, lock statement, unlock statement)."""
+        if self.dialect == "postgresql":
+            return (["SET tcp_keepalives_idle = 30", "SET tcp_keepalives_interval = 10",
+                     "SET tcp_keepalives_count = 3"], "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
+        return [], "SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"  # MySQL >= 5.7 / MariaDB: -1 waits forever
+
+    def __enter__(self) -> DatabaseLock:
+        self._thread_lock.acquire()
+        try:
+            if self._depth == 0:
+                import sqlalchemy
+                from sqlalchemy.pool import NullPool
+
+                if self._engine is None:
+                    self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
+                setup, lock, _ = self._lock_sql()
+                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                try:
+                    for stmt in setup:
+                        with contextlib.suppress(Exception):  # e.g. a Unix socket has no keepalives
+                            conn.exec_driver_sql(stmt)
+                    conn.execute(sqlalchemy.text(lock), {"k": self.key, "n": f"yolo-evolve-{self.key:x}"[:64]})
+                except BaseException:
+                    conn.close()
+                    raise
+                self._conn = conn
+            self._depth += 1
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._conn is not None:
+                import sqlalchemy
+
+                conn, self._conn = self._conn, None
+                try:
+                    conn.execute(sqlalchemy.text(self._lock_sql()[2]),
+                                 {"k": self.key, "n": f"yolo-evolve-{self.key:x}"[:64]})
+                except Exception as e:  # the connection is gone: the server has released the lock with it
+                    log.debug(f"evolve: releasing the database lock: {e}")
+                finally:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+        finally:
+            self._thread_lock.release()
+
+
+def database_lock(url: str, name: str) -> DatabaseLock | None:
+    """A :class:`DatabaseLock` named ``name`` in the database of ``url``; None where the database has none."""
+    return DatabaseLock(url, name) if _dialect(url) in DatabaseLock.DIALECTS else None
+
+
+class EvolutionLock:
+    """The evolution's lock: the out_dir's :class:`FileLock` (processes of this machine writing its files), then
+    the storage's: a :class:`DatabaseLock` for PostgreSQL/MySQL (workers on any machine), a :class:`FileLock` next
+    to an SQLite file. Taken in that order by everyone; re-entrant within one process."""
+
+    def __init__(self, *locks: Any):
+        self.locks = [lock for lock in locks if lock is not None]
+        self._stacks: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> EvolutionLock:
+        with contextlib.ExitStack() as stack:
+            for lock in self.locks:
+                stack.enter_context(lock)
+            self._stacks.append(stack.pop_all())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stacks.pop().close()
+
+
+def evolution_lock(out_dir: str | os.PathLike, spec: str | None, study_name: str) -> EvolutionLock:
+    """The lock that serializes the evolution's bookkeeping (new trials, failed workers, exported files) across
+    every worker that can reach its storage."""
+    kind, where = describe_storage(spec, out_dir)
+    locks: list[Any] = [FileLock(Path(out_dir) / ".evolve.lock")]
+    if kind == "rdb":
+        db = where[len("sqlite:///"):].split("?")[0] if where.startswith("sqlite:///") else ""
+        if db and db != ":memory:":
+            db_path = Path(db).resolve()
+            locks.append(FileLock(db_path.with_name(db_path.name + ".evolve.lock")))
+        elif not db:
+            locks.append(database_lock(where, f"study:{study_name}"))
+    return EvolutionLock(*locks)
 
 
 class FileLock:
@@ -364,14 +525,21 @@ class FileLock:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+HOST_ENV = "YOLO_EVOLVE_HOST"
+
+
 def host_id() -> str:
-    """This machine, since its last boot (a reboot makes every earlier owner dead)."""
-    boot = ""
-    try:
+    """This machine since its last boot (a reboot makes every earlier owner dead), and the process-id namespace
+    (containers sharing a kernel see different pids). ``$YOLO_EVOLVE_HOST``, when set, replaces it: processes with
+    different values treat each other as being on different machines (tests of the cross-machine paths)."""
+    if os.environ.get(HOST_ENV):
+        return os.environ[HOST_ENV]
+    boot = ns = ""
+    with contextlib.suppress(OSError):
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        pass
-    return f"{socket.gethostname()}/{boot}" if boot else socket.gethostname()
+    with contextlib.suppress(OSError):
+        ns = os.readlink("/proc/self/ns/pid")
+    return "/".join(x for x in (socket.gethostname(), boot, ns) if x)
 
 
 def process_start(pid: int) -> tuple[str, int] | None:
@@ -450,25 +618,66 @@ def mark_failed(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
         return False
 
 
+def _rdb_backend(storage: Any) -> Any:
+    """The RDBStorage behind a study's storage (Optuna wraps it in a cache), or None."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
+def _running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
+    """Ids of the study's RUNNING trials that have never recorded a heartbeat (RDB storages)."""
+    backend = _rdb_backend(storage)
+    if backend is None:
+        return []
+    try:
+        from optuna.storages._rdb import models
+
+        session = backend.scoped_session()
+        try:
+            rows = (session.query(models.TrialModel.trial_id)
+                    .outerjoin(models.TrialHeartbeatModel,
+                               models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                    .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
+                            models.TrialHeartbeatModel.trial_id.is_(None)).all())
+            session.commit()
+        finally:
+            session.close()
+        return [int(r[0]) for r in rows]
+    except Exception as e:  # Optuna's tables changed: a trial that never beat is then left to its own host
+        log.debug(f"evolve: looking for trials without a heartbeat: {e}")
+        return []
+
+
+def _stale_reason(trial: FrozenTrial, storage: Any) -> str:
+    grace = getattr(_rdb_backend(storage), "grace_period", None)
+    owner = trial.system_attrs.get(OWNER_ATTR) or {}
+    who = f"worker {owner.get('pid')} on {str(owner.get('host', '?')).split('/')[0]}" if owner else "its worker"
+    return f"no heartbeat for {grace}s: {who} is gone" if grace else f"no heartbeat: {who} is gone"
+
+
 def recover_stale_trials(study: optuna.Study, max_retries: int) -> list[int]:
     """Fail (and retry) RUNNING trials whose worker is gone; returns their numbers.
 
     On this machine a trial's owner process is checked directly (it also catches a SIGKILLed worker at once); with
-    an RDB storage, Optuna's heartbeat catches workers on other machines. Call under the evolution's lock.
+    an RDB storage, the heartbeat catches workers on other machines: a trial whose last heartbeat is older than
+    the grace period is failed with the reason ``no heartbeat ...``. A RUNNING trial that never beat (its worker
+    died between creating it and training it) gets a first heartbeat from whoever sees it, so that it too goes
+    stale. Call under the evolution's lock.
     """
     failed: list[int] = []
     storage = study._storage
-    from optuna.storages import fail_stale_trials
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
     if is_heartbeat_enabled(storage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        failed += sorted(before - after - {t.number for t in study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))})
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            t = storage.get_trial(trial_id)
+            reason = _stale_reason(t, storage)
+            if t.state == TrialState.RUNNING and mark_failed(study, t, reason):
+                failed.append(t.number)
+                retry_trial(study, storage.get_trial(trial_id), max_retries, reason=reason)
+        for trial_id in _running_without_heartbeat(storage, study._study_id):
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.system_attrs.get(OWNER_ATTR)
         if owner_alive(owner) is False:
