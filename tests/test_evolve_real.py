@@ -1,0 +1,120 @@
+"""Evolution with real training (``yolo.engine.trainer.train``): worker processes sharing one journal, and a worker
+SIGKILLed mid-generation then the same command run again.
+
+The generations are tiny but real: yolov5n from scratch on the session's tiny shapes set (tests/conftest.py), imgsz 64,
+one epoch, one torch thread per process. Their fitness is about 0 (one epoch from scratch learns nothing), which is
+fine: these tests are about the ledger, not the search.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from test_evolve_parallel import REPO, check_ledger, load
+
+from evolve import ledger
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process checks")
+
+
+def real_overrides(out: Path, data_yaml: Path, generations: int, *extra: str) -> list[str]:
+    """One tiny real generation: yolov5n from scratch, imgsz 64, 1 epoch, batch 16, no loader workers."""
+    return [f"evolve.out_dir={out}", f"generations={generations}", "mlflow.enabled=false", "evolve.plot=false",
+            "evolve.poll_s=0.2", "model=yolov5n", "hyp=shapes-scratch", "data=external", f"data.file={data_yaml}",
+            "imgsz=64", "epochs=1", "batch_size=16", "workers=0", "device=cpu", "noautoanchor=true", *extra]
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "run_evolve.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"timed out:\n{proc.communicate()[0][-5000:]}") from None
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def kill_when_training(proc: subprocess.Popen, out: Path, number: int, timeout: float = 90) -> None:
+    """SIGKILL the (single-worker) command once trial ``number``'s training has started (the trainer has written
+    the generation's hyp.yaml), then check it died mid-generation."""
+    started = out / "generations" / f"trial{number:04d}" / "hyp.yaml"
+    t0 = time.time()
+    while not started.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before trial {number} started:\n{proc.stdout.read()[-5000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {started}")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not (started.parent / "results.csv").exists()  # killed before its epoch ended
+    trial = load(out).trials[number]
+    assert trial.state == TrialState.RUNNING  # as the dead worker left it
+    assert trial.system_attrs[ledger.OWNER_ATTR]["pid"] == proc.pid
+
+
+def check_real(study, generations: int) -> None:
+    """Every finished generation was really trained, once, in its own folder."""
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == generations
+    for t in done:
+        assert t.user_attrs["epochs_completed"] == 1 and t.user_attrs["train_s"] > 0
+        folder = Path(t.user_attrs["save_dir"])
+        assert folder.name == f"trial{t.number:04d}" and (folder / "results.csv").is_file()
+        assert not (folder / "weights").exists()  # evolve.keep_weights=false
+    assert len({t.user_attrs["save_dir"] for t in done}) == generations
+
+
+def test_real_two_worker_processes_share_one_journal(tiny_shapes, tmp_path):
+    out = tmp_path / "evo"
+    log = finish(launch(real_overrides(out, tiny_shapes, 6, "evolve.workers=2")))
+    assert "6 generations finished (6 complete, 0 pruned, 0 failed)" in log
+    study = check_ledger(out, 6)
+    check_real(study, 6)
+    assert {t.user_attrs["worker"] for t in study.trials} == {0, 1}
+    assert len({t.system_attrs[ledger.OWNER_ATTR]["pid"] for t in study.trials}) == 2  # two processes trained
+
+
+def test_real_sigkill_mid_generation_then_resume(tiny_shapes, tmp_path):
+    """Killed in generation 3, the same command again retries it (evolve.max_retries=1); killed again in that retry,
+    the next run skips it; the third run finishes the 4 generations asked for."""
+    out = tmp_path / "evo"
+    args = real_overrides(out, tiny_shapes, 4)
+
+    first = launch(args)
+    kill_when_training(first, out, 2)
+    assert [t.state for t in load(out).trials] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING]
+
+    second = launch(args)  # marks trial 2 failed and queues its hyps again: trial 3 is the retry
+    kill_when_training(second, out, 3)
+
+    log = finish(launch(args))  # marks the retry failed and skips it (retried once already)
+    assert "4 generations finished (4 complete, 0 pruned, 2 failed)" in log
+    assert "retried 1 times already, skipping it" in log
+
+    study = check_ledger(out, 4)
+    check_real(study, 4)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    killed, retry = study.trials[2], study.trials[3]
+    assert killed.user_attrs[ledger.FAIL_ATTR] == f"worker process {first.pid} died"
+    assert retry.user_attrs[ledger.FAIL_ATTR] == f"worker process {second.pid} died"
+    assert retry.system_attrs["retry_history"] == [2] and retry.params == killed.params  # the same generation
+    assert not [t for t in study.trials if t.system_attrs.get("retry_history") == [2, 3]]  # not retried twice
+    rows = ledger.study_rows(study.trials, {})
+    assert [r.number for r in rows] == [0, 1, 4, 5]  # evolve.csv holds the finished generations only
+    assert not any(all(r.hyp[k] == v for k, v in killed.params.items()) for r in rows)  # nor the lost one
