@@ -289,8 +289,37 @@ def describe_storage(spec: str | None, out_dir: str | os.PathLike) -> tuple[str,
     return "journal", str(Path(spec).resolve())
 
 
-DRIVER_HINTS = {"postgresql": "psycopg2-binary (pip install 'yolo-hydra[postgres]')",
-                "mysql": "PyMySQL (pip install pymysql; URL mysql+pymysql://...)"}
+DRIVER_HINTS = {"postgresql": "psycopg 3: pip install 'psycopg[binary]' (or pip install -e '.[postgres]')",
+                "mysql": "PyMySQL: pip install pymysql (URL mysql+pymysql://...)"}
+DRIVER_ALTERNATIVES = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "mysqldb"),
+                       "mariadb": ("pymysql", "mysqldb")}
+
+
+def with_installed_driver(url: str) -> str:
+    """``url`` naming a driver that is installed: a URL without one (``postgresql://``) means SQLAlchemy's default
+    driver for the database (psycopg2 before SQLAlchemy 2.1, psycopg 3 since); when that one is missing and another
+    known driver is installed, the URL names that one. Any other URL is returned unchanged."""
+    import sqlalchemy
+
+    try:
+        u = sqlalchemy.engine.make_url(url)
+    except Exception:
+        return url
+    if "+" in u.drivername or u.drivername not in DRIVER_ALTERNATIVES:
+        return url
+    try:
+        u.get_dialect().import_dbapi()
+        return url
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError):
+        pass
+    for driver in DRIVER_ALTERNATIVES[u.drivername]:
+        candidate = u.set(drivername=f"{u.drivername}+{driver}")
+        try:
+            candidate.get_dialect().import_dbapi()
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError):
+            continue
+        return candidate.render_as_string(hide_password=False)
+    return url
 
 
 def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: int = 60,
@@ -313,6 +342,7 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
     engine_kwargs = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else None
     if where.startswith("sqlite:///"):
         Path(where[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    where = with_installed_driver(where)
     heartbeat_s = max(1, int(heartbeat_s))
     grace_s = max(heartbeat_s + 1, int(grace_s)) if grace_s else 2 * heartbeat_s
 
@@ -368,7 +398,7 @@ class DatabaseLock:
     DIALECTS = ("postgresql", "mysql", "mariadb")
 
     def __init__(self, url: str, name: str):
-        self.url, self.name = url, name
+        self.url, self.name = with_installed_driver(url), name
         self.dialect = _dialect(url)
         if self.dialect not in self.DIALECTS:
             raise ValueError(f"no database lock for {self.dialect}")
