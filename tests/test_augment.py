@@ -121,6 +121,30 @@ def test_letterbox_boxes_enclose_objects():
 
 
 # ------------------------------------------------------------------------------------------------- colour
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("gains", [None, (0.015, 0.7, 0.4), (0.5, 0.0, 0.9)])
+@pytest.mark.parametrize("flipud,fliplr", [(False, False), (True, False), (False, True), (True, True)])
+def test_finish_rgb_chw_equals_the_step_by_step_path(channels, gains, flipud, fliplr):
+    """HSV + flips + BGR(A) HWC -> RGB CHW in one pass gives exactly augment_hsv -> vflip -> hflip -> transpose."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, (37, 53, channels), dtype=np.uint8)
+    labels = np.array([[1, 0.3, 0.2, 0.1, 0.1]], np.float32)
+    ref, lref = img[..., :3].copy(), labels
+    if gains is not None:
+        A.augment_hsv(ref, *gains, np.random.default_rng(3))
+    if flipud:
+        ref, lref = A.vflip(ref, lref)
+    if fliplr:
+        ref, lref = A.hflip(ref, lref)
+    r = None if gains is None else A.hsv_gains(*gains, np.random.default_rng(3))
+    before = img.copy()
+    out = A.finish_rgb_chw(img, r, flipud, fliplr)
+    assert out.shape == (3, 37, 53) and out.flags.c_contiguous and out.dtype == np.uint8
+    assert np.array_equal(out, ref.transpose(2, 0, 1)[::-1])
+    assert np.array_equal(A.flip_labels(labels, flipud, fliplr), lref)
+    assert np.array_equal(img, before)  # the input is left alone
+
+
 def test_hsv_zero_gains_is_identity_and_draws_nothing():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
@@ -256,6 +280,8 @@ def test_fused_mosaic_equals_two_step(name, s):
         assert out.shape == ref.shape == (s, s, 3) and out.dtype == np.uint8
         assert np.array_equal(lout, lref)
         assert np.array_equal(out, ref)
+        out4, lout4 = A.mosaic_perspective(images, labels, s, hyp, np.random.default_rng(seed + 50), keep_bgra=True)
+        assert out4.shape == (s, s, 4) and np.array_equal(out4[..., :3], ref) and np.array_equal(lout4, lref)
 
 
 def test_fused_mosaic_extreme_zoom_and_tiny_images():

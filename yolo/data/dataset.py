@@ -27,7 +27,15 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from yolo.boxes import xywhn2xyxy, xyxy2xywhn
-from yolo.data.augment import augment_hsv, hflip, letterbox, mixup, mosaic_perspective, random_perspective, vflip
+from yolo.data.augment import (
+    finish_rgb_chw,
+    flip_labels,
+    hsv_gains,
+    letterbox,
+    mixup,
+    mosaic_perspective,
+    random_perspective,
+)
 from yolo.data.config import DatasetError
 from yolo.data.labels import img2label_paths, label_cache_path, list_image_files, scan_dataset, writable_cache_path
 
@@ -74,11 +82,6 @@ def image_weights_from_labels(labels: list[np.ndarray], class_weights) -> np.nda
     nc = len(cw)
     counts = np.array([np.bincount(lb[:, 0].astype(int), minlength=nc)[:nc] for lb in labels]).reshape(-1, nc)
     return (counts * cw[None]).sum(1)
-
-
-def bgr_hwc_to_rgb_chw(img: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` BGR → contiguous ``(3, H, W)`` RGB uint8 tensor (one strided copy)."""
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[::-1]))
 
 
 class TileShapeMismatch(Exception):
@@ -249,7 +252,8 @@ class YoloDataset(Dataset):
         index, rng = self._rng(item)
         hyp = self.hyp
         if self.mosaic and rng.random() < hyp["mosaic"]:
-            img, labels = self.load_mosaic(index, rng)
+            # without mixup the mosaic may stay in its 4-channel warp buffer: finish_rgb_chw reads it at once
+            img, labels = self.load_mosaic(index, rng, keep_bgra=not hyp["mixup"])
             shapes = None
             if rng.random() < hyp["mixup"]:
                 img, labels = mixup(img, labels, *self.load_mosaic(int(rng.integers(self.n)), rng), rng)
@@ -264,11 +268,15 @@ class YoloDataset(Dataset):
             labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
         else:
             labels = np.zeros((0, 5), np.float32)
-        if self.augment:
-            img, labels = self._colour_and_flips(img, labels, rng)
+        gains, flipud, fliplr = None, False, False
+        if self.augment:  # colour, then flips: upstream's order of random draws
+            gains = hsv_gains(hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"], rng)
+            flipud, fliplr = rng.random() < hyp["flipud"], rng.random() < hyp["fliplr"]
+            labels = flip_labels(labels, flipud, fliplr)
         labels_out = torch.zeros((len(labels), 6))
         labels_out[:, 1:] = torch.from_numpy(labels)
-        return bgr_hwc_to_rgb_chw(img), labels_out, self.im_files[index], shapes
+        img = finish_rgb_chw(img, gains, flipud, fliplr)
+        return torch.from_numpy(img), labels_out, self.im_files[index], shapes
 
     def load_letterboxed(self, index: int):
         """Image letterboxed to its batch shape (rect) or ``img_size``; labels ``cls x1 y1 x2 y2`` pixels."""
@@ -280,7 +288,7 @@ class YoloDataset(Dataset):
             labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
         return img, labels, ((h0, w0), ((h / h0, w / w0), pad))
 
-    def load_mosaic(self, index: int, rng: np.random.Generator):
+    def load_mosaic(self, index: int, rng: np.random.Generator, keep_bgra: bool = False):
         """``index`` and 3 partners tiled around a random centre, then warped: ``(s, s)`` image, xyxy labels.
 
         Tiles are handed over as :class:`LazyImage`: one that the warp never samples is never decoded.
@@ -290,11 +298,12 @@ class YoloDataset(Dataset):
         labels = [self.labels[i] for i in indices]
         state = rng.bit_generator.state
         try:
-            return mosaic_perspective([self._tile(i) for i in indices], labels, self.img_size, self.hyp, rng)
+            return mosaic_perspective([self._tile(i) for i in indices], labels, self.img_size, self.hyp, rng,
+                                      keep_bgra=keep_bgra)
         except TileShapeMismatch:  # the scanned size did not predict the decoded one: redo with decoded tiles
             rng.bit_generator.state = state
             images = [self.load_image(i)[0] for i in indices]
-            return mosaic_perspective(images, labels, self.img_size, self.hyp, rng)
+            return mosaic_perspective(images, labels, self.img_size, self.hyp, rng, keep_bgra=keep_bgra)
 
     def _tile(self, i: int):
         if self.ims[i] is not None:
@@ -309,15 +318,6 @@ class YoloDataset(Dataset):
         if p is None:
             return [int(x) for x in rng.integers(self.n, size=k)]
         return [int(x) for x in rng.choice(self.n, size=k, p=p / p.sum())]
-
-    def _colour_and_flips(self, img, labels, rng):
-        hyp = self.hyp
-        augment_hsv(img, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"], rng)
-        if rng.random() < hyp["flipud"]:
-            img, labels = vflip(img, labels)
-        if rng.random() < hyp["fliplr"]:
-            img, labels = hflip(img, labels)
-        return img, labels
 
     # ------------------------------------------------------------------ image weights
     def update_image_weights(self, class_weights) -> np.ndarray:
