@@ -165,6 +165,7 @@ class TrainConfig:
     single_cls: bool = False
     freeze: List[int] = field(default_factory=list)  # [10] freezes layers 0-9; [0, 1, 2] freezes those layers
     image_weights: bool = False
+    sync_bn: bool = False  # DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     label_smoothing: float = 0.0
     cos_lr: bool = False
     patience: int = 100

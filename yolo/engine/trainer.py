@@ -2,7 +2,8 @@
 
 Warmup, nominal-batch accumulation, one-cycle/linear LR, EMA, AMP (CUDA), gradient clipping, multi-scale,
 autoanchor, layer freezing, early stopping, ``last.pt``/``best.pt`` every epoch, resume, and a final validation
-of ``best.pt``.  Tracking (MLflow) and plots observe the run; neither can stop it.
+of ``best.pt``.  Tracking (MLflow) and plots observe the run; neither can stop it.  Under ``torchrun`` the same
+function runs in every process of a DDP run (:mod:`yolo.engine.distributed`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from yolo.engine import results_csv
+from yolo.engine import distributed, results_csv
 from yolo.engine.callbacks import CallbackList, StopTraining
+from yolo.engine.distributed import DistInfo, TrainTrace
 from yolo.engine.optim import (
     accumulate_steps,
     apply_warmup,
@@ -120,9 +122,9 @@ def _find_resume_checkpoint(resume, project: str) -> Path:
 class _Tracking:
     """Thin adapter over :mod:`yolo.tracking` so the trainer works with MLflow off or broken."""
 
-    def __init__(self, cfg, save_dir: Path, resume_run_id: str | None):
+    def __init__(self, cfg, save_dir: Path, resume_run_id: str | None, enabled: bool = True):
         self.tracker = None
-        if not cfg.mlflow.enabled:
+        if not (enabled and cfg.mlflow.enabled):
             return
         try:
             from yolo.sweep import parent_run_for_sweep
@@ -174,57 +176,78 @@ def _hydra_overrides() -> str:
 
 
 def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None) -> TrainResults:
-    """Train a detector as configured by ``cfg`` (a validated :class:`yolo.config.TrainConfig`)."""
-    from yolo.checkpoint import (
-        load_checkpoint,
-        save_checkpoint,
-        strip_optimizer,
-        transfer_weights,
-    )
+    """Train a detector as configured by ``cfg`` (a validated :class:`yolo.config.TrainConfig`).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one process of a DDP run (see
+    :mod:`yolo.engine.distributed`): each process trains on its share of every epoch with ``batch_size /
+    WORLD_SIZE`` images per step; rank 0 alone validates, plots, saves checkpoints, logs to MLflow and calls the
+    ``callbacks``; every process returns rank 0's results.
+    """
+    info = DistInfo.from_env()
+    try:
+        with distributed.quiet_unless_main(info):
+            return _train(cfg, CallbackList(callbacks), save_dir, info)
+    finally:
+        distributed.shutdown()
+
+
+def _resume(cfg, save_dir):
+    """``(cfg, checkpoint or None, save_dir)``: a resumed run takes its checkpoint's config and folder."""
+    from yolo.checkpoint import CheckpointError, load_checkpoint
+    from yolo.config import TrainConfig
+
+    if cfg.resume in (False, None, "", "false", "False"):
+        return cfg, None, save_dir
+    ckpt_path = _find_resume_checkpoint(cfg.resume, cfg.project)
+    ckpt = load_checkpoint(ckpt_path)
+    if not ckpt.config:
+        raise CheckpointError(f"{ckpt_path}: checkpoint holds no training config, cannot resume")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt.config)
+    cfg.resume = str(ckpt_path)
+    log.info(f"Resuming training from {ckpt_path} (epoch {ckpt.epoch + 1} of {cfg.epochs})")
+    return cfg, ckpt, ckpt_path.parent.parent
+
+
+def _run_dir(cfg, save_dir, info: DistInfo) -> Path:
+    """The run folder: the one given, Hydra's, or a fresh ``project/name{N}``; under DDP always rank 0's."""
+    if info.is_main:
+        save_dir = Path(save_dir or hydra_output_dir() or increment_dir(Path(cfg.project) / cfg.name))
+    return distributed.shared_path(save_dir, info)
+
+
+def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResults:
+    from yolo.checkpoint import load_checkpoint, save_checkpoint, transfer_weights
     from yolo.data.config import ensure_dataset, load_data_config
     from yolo.data.loader import create_dataloader
-    from yolo.device import select_device
     from yolo.ema import ModelEMA
     from yolo.loss import ComputeLoss, scale_loss_gains
     from yolo.models import build_model
     from yolo.val import validate
 
-    callbacks = CallbackList(callbacks)
     t_start = time.time()
-
-    # ---- resume: the checkpoint's own config wins, the run continues in its folder ----------------------------
-    resume_ckpt = None
-    if cfg.resume not in (False, None, "", "false", "False"):
-        ckpt_path = _find_resume_checkpoint(cfg.resume, cfg.project)
-        resume_ckpt = load_checkpoint(ckpt_path)
-        if not resume_ckpt.config:
-            from yolo.checkpoint import CheckpointError
-            raise CheckpointError(f"{ckpt_path}: checkpoint holds no training config, cannot resume")
-        from yolo.config import TrainConfig
-
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), resume_ckpt.config)
-        cfg.resume = str(ckpt_path)
-        save_dir = ckpt_path.parent.parent
-        log.info(f"Resuming training from {ckpt_path} (epoch {resume_ckpt.epoch + 1} of {cfg.epochs})")
-
-    save_dir = Path(save_dir or hydra_output_dir() or increment_dir(Path(cfg.project) / cfg.name))
+    cfg, resume_ckpt, save_dir = _resume(cfg, save_dir)
+    distributed.check_config(cfg, info)
+    device = distributed.setup(cfg.device, info)
+    main = info.is_main
+    save_dir = _run_dir(cfg, save_dir, info)
     wdir = save_dir / "weights"
-    wdir.mkdir(parents=True, exist_ok=True)
     last, best = wdir / "last.pt", wdir / "best.pt"
     hyp = cfg.hyp
-    OmegaConf.save(hyp, save_dir / "hyp.yaml")
-    OmegaConf.save(cfg, save_dir / "config.yaml", resolve=True)
+    if main:
+        wdir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(hyp, save_dir / "hyp.yaml")
+        OmegaConf.save(cfg, save_dir / "config.yaml", resolve=True)
 
     init_seeds(cfg.seed + 1, deterministic=cfg.deterministic)
-    device = select_device(cfg.device)
     use_amp = bool(cfg.amp) and device.type == "cuda"
     py_rng = random.Random(cfg.seed)
 
-    # ---- data config -------------------------------------------------------------------------------------------
+    # ---- data config (one process per machine downloads or generates the dataset) ------------------------------
     from yolo.config import data_source
 
-    data = load_data_config(data_source(cfg.data), cfg.datasets_dir)
-    ensure_dataset(data)
+    with distributed.local_main_first(info):
+        data = load_data_config(data_source(cfg.data), cfg.datasets_dir)
+        ensure_dataset(data)
     nc = 1 if cfg.single_cls else data.nc
     names = ["item"] if cfg.single_cls and len(data.names) != 1 else list(data.names)
 
@@ -248,20 +271,20 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
         log.info(f"Freezing {len(frozen)} parameter tensors of layers {list(cfg.freeze)}")
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(cfg.imgsz, gs, floor=gs * 2)
-    batch_size = cfg.batch_size
+    batch_size = cfg.batch_size  # the global batch: DDP processes take batch_size / WORLD_SIZE each
 
-    # ---- optimizer, schedule, EMA ------------------------------------------------------------------------------
+    # ---- optimizer, schedule, EMA (rank 0 keeps the EMA) -------------------------------------------------------
     accumulate = accumulate_steps(batch_size)
     decay = scaled_weight_decay(hyp.weight_decay, batch_size)
     optimizer = build_optimizer(model, cfg.optimizer.name, hyp.lr0, hyp.momentum, decay, cfg.optimizer.nesterov)
     lf = lr_lambda(hyp.lrf, cfg.epochs, cfg.cos_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model)
+    ema = ModelEMA(model) if main else None
     start_epoch, best_fitness = 0, 0.0
     if resume_ckpt is not None:
         if resume_ckpt.optimizer:
             optimizer.load_state_dict(resume_ckpt.optimizer)
-        if resume_ckpt.ema_state_dict:
+        if ema is not None and resume_ckpt.ema_state_dict:
             ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v
                                      for k, v in resume_ckpt.ema_state_dict.items()})
             ema.updates = int(resume_ckpt.updates or 0)
@@ -271,42 +294,50 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
             log.info(f"{resume_ckpt} already finished {cfg.epochs} epochs; nothing to resume")
     scheduler.last_epoch = start_epoch - 1
 
-    # ---- loaders -----------------------------------------------------------------------------------------------
+    # ---- loaders (the label cache is written once per machine; rank 0 alone validates) -------------------------
     hyp_dict = to_plain(hyp)
-    train_loader, dataset = create_dataloader(
-        data.train, imgsz, batch_size, gs, hyp=hyp_dict, augment=True, rect=cfg.rect, workers=cfg.workers,
-        shuffle=not cfg.rect, seed=cfg.seed, cache=cfg.cache, image_weights=cfg.image_weights,
-        single_cls=cfg.single_cls, nc=data.nc, prefix="train: ")
+    with distributed.local_main_first(info):
+        train_loader, dataset = create_dataloader(
+            data.train, imgsz, batch_size, gs, hyp=hyp_dict, augment=True, rect=cfg.rect, workers=cfg.workers,
+            shuffle=not cfg.rect, seed=cfg.seed, cache=cfg.cache, image_weights=cfg.image_weights,
+            single_cls=cfg.single_cls, nc=data.nc, prefix="train: ", rank=info.rank, world_size=info.world_size)
     max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
     if max_label >= nc:
         raise ValueError(f"label class {max_label} exceeds nc={nc} in {cfg.data}")
-    val_loader, _ = create_dataloader(
-        data.val, imgsz, batch_size * 2, gs, hyp=hyp_dict, augment=False, rect=True, pad=0.5,
-        workers=cfg.workers * 2, shuffle=False, seed=cfg.seed, cache=None if cfg.noval else cfg.cache,
-        single_cls=cfg.single_cls, nc=data.nc, prefix="val: ")
+    val_loader = None
+    if main:
+        val_loader, _ = create_dataloader(
+            data.val, imgsz, batch_size // info.world_size * 2, gs, hyp=hyp_dict, augment=False, rect=True,
+            pad=0.5, workers=cfg.workers * 2, shuffle=False, seed=cfg.seed, cache=None if cfg.noval else cfg.cache,
+            single_cls=cfg.single_cls, nc=data.nc, prefix="val: ")
 
-    if resume_ckpt is None:
+    if main and resume_ckpt is None:
         if not cfg.noautoanchor:
             from yolo.autoanchor import check_anchors
             check_anchors(dataset, model, thr=hyp.anchor_t, imgsz=imgsz, rng=np.random.default_rng(cfg.seed))
         model.half().float()  # pre-reduce anchor precision, as upstream does
         ema = ModelEMA(model)
-    if not cfg.noplots and resume_ckpt is None:
+    if main and not cfg.noplots and resume_ckpt is None:
         _plot_labels_background(dataset, names, save_dir)
 
-    # ---- loss gains and model attributes ------------------------------------------------------------------------
+    # ---- loss gains and model attributes; DDP copies rank 0's weights and anchors to every process -------------
     nl = model.detect.nl
     loss_hyp = scale_loss_gains(hyp_dict, nl, nc, imgsz, label_smoothing=cfg.label_smoothing)
     model.nc, model.names, model.hyp = nc, names, loss_hyp
     model.class_weights = _class_weights(dataset.labels, nc).to(device) * nc
+    net = model
+    model = distributed.wrap_model(model, device, info, sync_bn=cfg.sync_bn)
     compute_loss = ComputeLoss(model, loss_hyp)
 
-    # ---- tracking and callbacks --------------------------------------------------------------------------------
-    tracking = _Tracking(cfg, save_dir, resume_ckpt.extra.get("mlflow_run_id") if resume_ckpt else None)
+    # ---- tracking and callbacks (rank 0) -----------------------------------------------------------------------
+    run_id = resume_ckpt.extra.get("mlflow_run_id") if resume_ckpt else None
+    tracking = _Tracking(cfg, save_dir, run_id, enabled=main)
     csv_path = save_dir / "results.csv"
-    results_csv.truncate(csv_path, start_epoch)
-    callbacks.on_train_start({"save_dir": str(save_dir), "epochs": cfg.epochs, "start_epoch": start_epoch,
-                              "nc": nc, "imgsz": imgsz})
+    if main:
+        results_csv.truncate(csv_path, start_epoch)
+        callbacks.on_train_start({"save_dir": str(save_dir), "epochs": cfg.epochs, "start_epoch": start_epoch,
+                                  "nc": nc, "imgsz": imgsz})
+    trace = TrainTrace.from_env(info, dataset.im_files)
 
     nb = len(train_loader)
     nw = warmup_iterations(hyp.warmup_epochs, nb)
@@ -321,100 +352,140 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
              f"workers\nLogging results to {save_dir}\nStarting training for {cfg.epochs} epochs...")
 
     epoch = start_epoch - 1
+    stopped_by: StopTraining | None = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             if cfg.image_weights:
-                cw = model.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
+                cw = net.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
                 dataset.update_image_weights(cw)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             mloss = torch.zeros(3, device=device)
             log.info(PROGRESS_HEADER)
-            pbar = tqdm(enumerate(train_loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+            pbar = tqdm(enumerate(train_loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}", disable=not main)
             t_epoch = time.perf_counter()
             optimizer.zero_grad()
             for i, (imgs, targets, paths, _) in pbar:
                 ni = i + nb * epoch
+                if trace is not None:
+                    trace.batch(epoch, paths)
                 imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 imgs = imgs.float() / 255
                 if ni <= nw:
                     accumulate = apply_warmup(optimizer, ni, nw, lf(epoch), hyp, batch_size)
                 if cfg.multi_scale:
                     imgs = _multi_scale(imgs, imgsz, gs, py_rng)
-                with torch.autocast(device_type=device.type, enabled=use_amp):
-                    pred = model(imgs)
-                    loss, loss_items = compute_loss(pred, targets.to(device))
-                scaler.scale(loss).backward()
-                if ni - last_opt_step >= accumulate:
+                step_now = ni - last_opt_step >= accumulate
+                with distributed.gradient_sync(model, step_now):
+                    with torch.autocast(device_type=device.type, enabled=use_amp):
+                        pred = model(imgs)
+                        loss, loss_items = compute_loss(pred, targets.to(device))
+                    # DDP averages gradients over the processes; scaling restores the sum over the global batch
+                    scaler.scale(loss * info.world_size).backward()
+                if step_now:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad()
-                    ema.update(model)
+                    if ema is not None:
+                        ema.update(model)
+                    if trace is not None and last_opt_step < 0:
+                        trace.weights("first_step", model)
                     last_opt_step = ni
                 mloss = (mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                    f"{epoch}/{cfg.epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
-                if ni < 3 and not cfg.noplots and epoch == start_epoch:
-                    _plot_batch_background(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
+                if main:
+                    mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+                    pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                        f"{epoch}/{cfg.epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
+                    if ni < 3 and not cfg.noplots and epoch == start_epoch:
+                        _plot_batch_background(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
             lr = [g["lr"] for g in optimizer.param_groups]
             scheduler.step()
             epoch_train_s = time.perf_counter() - t_epoch
+            if trace is not None:
+                trace.weights(f"epoch{epoch}", model)
 
-            # ---- end of epoch: validate, record, save --------------------------------------------------------
-            ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
-            final_epoch = (epoch + 1 == cfg.epochs) or stopper.possible_stop
-            if not cfg.noval or final_epoch:
-                val_res = validate(ema.ema, val_loader, names, conf_thres=cfg.conf_thres, iou_thres=cfg.iou_thres,
-                                   max_det=cfg.max_det, single_cls=cfg.single_cls, half=use_amp,
-                                   compute_loss=compute_loss, plots=False)
-                maps = val_res.maps
-            row = _epoch_row(mloss, val_res, lr)
-            fi = float(val_res.fitness) if val_res is not None else 0.0
-            stop = stopper(epoch=epoch, fitness=fi)
-            if fi > best_fitness:
-                best_fitness = fi
-            results_csv.append_row(csv_path, epoch, row)
-            metrics = {**row, "fitness": fi, "best_fitness": best_fitness, "time/epoch_train_s": epoch_train_s}
-            results.history.append({"epoch": epoch, **metrics})
-            tracking.log_metrics(metrics, step=epoch)
+            # ---- end of epoch (rank 0): validate, record, save; then every process learns whether to stop -----
+            verdict = None  # (reason, pruned) when training stops after this epoch
+            if main:
+                ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+                final_epoch = (epoch + 1 == cfg.epochs) or stopper.possible_stop
+                if not cfg.noval or final_epoch:
+                    val_res = validate(ema.ema, val_loader, names, conf_thres=cfg.conf_thres,
+                                       iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
+                                       half=use_amp, compute_loss=compute_loss, plots=False)
+                    maps = val_res.maps
+                row = _epoch_row(mloss, val_res, lr)
+                fi = float(val_res.fitness) if val_res is not None else 0.0
+                stop = stopper(epoch=epoch, fitness=fi)
+                if fi > best_fitness:
+                    best_fitness = fi
+                results_csv.append_row(csv_path, epoch, row)
+                metrics = {**row, "fitness": fi, "best_fitness": best_fitness, "time/epoch_train_s": epoch_train_s}
+                results.history.append({"epoch": epoch, **metrics})
+                tracking.log_metrics(metrics, step=epoch)
 
-            if not cfg.nosave or final_epoch:
-                extra = {"mlflow_run_id": tracking.run_id, "save_dir": str(save_dir)}
-                common = dict(model=model, ema=ema.ema, optimizer=optimizer, epoch=epoch, best_fitness=best_fitness,
-                              updates=ema.updates, config=to_plain(cfg), extra=extra)
-                save_checkpoint(last, **common)
-                if best_fitness == fi:
-                    save_checkpoint(best, **common)
-                if cfg.save_period > 0 and epoch % cfg.save_period == 0:
-                    save_checkpoint(wdir / f"epoch{epoch}.pt", **common)
+                if not cfg.nosave or final_epoch:
+                    extra = {"mlflow_run_id": tracking.run_id, "save_dir": str(save_dir)}
+                    common = dict(model=model, ema=ema.ema, optimizer=optimizer, epoch=epoch,
+                                  best_fitness=best_fitness, updates=ema.updates, config=to_plain(cfg), extra=extra)
+                    save_checkpoint(last, **common)
+                    if best_fitness == fi:
+                        save_checkpoint(best, **common)
+                    if cfg.save_period > 0 and epoch % cfg.save_period == 0:
+                        save_checkpoint(wdir / f"epoch{epoch}.pt", **common)
+                try:
+                    callbacks.on_epoch_end(epoch, metrics)
+                except StopTraining as e:
+                    verdict = (str(e), e.pruned, True)
+                if verdict is None and stop:
+                    verdict = ("early stopping", False, False)
+            verdict = distributed.broadcast(verdict, info)
             results.epochs_completed = epoch + 1
-            callbacks.on_epoch_end(epoch, metrics)
-            if stop:
+            if verdict is not None:
+                reason, pruned, by_callback = verdict
                 results.stopped_early = True
+                if by_callback:
+                    stopped_by = StopTraining(reason, pruned=pruned)
                 break
-    except StopTraining as e:
-        results.stopped_early, results.pruned = True, e.pruned
-        results.epochs_completed = epoch + 1
-        log.info(f"Training stopped after epoch {epoch}: {e}")
-        tracking.end(status="KILLED" if e.pruned else "FINISHED")
-        _fill_results(results, val_res, best_fitness, last, best)
-        return results
     except BaseException:
         tracking.end(status="FAILED")
         raise
 
-    # ---- end of training: strip optimizers, final validation of best.pt ------------------------------------------
+    if main:
+        if stopped_by is not None:
+            _stopped_by_callback(results, stopped_by, epoch, tracking, val_res, best_fitness, last, best)
+        else:
+            _finish(cfg, results, tracking, callbacks, save_dir, val_loader, val_res, best_fitness, names, device,
+                    use_amp, compute_loss, t_start, start_epoch)
+    return TrainResults(**distributed.broadcast(results.as_dict(), info))
+
+
+def _stopped_by_callback(results: TrainResults, e: StopTraining, epoch: int, tracking: _Tracking, val_res,
+                         best_fitness: float, last: Path, best: Path) -> None:
+    """A callback ended the run (e.g. evolution's pruner): no stripping, no final validation."""
+    results.pruned = e.pruned
+    log.info(f"Training stopped after epoch {epoch}: {e}")
+    tracking.end(status="KILLED" if e.pruned else "FINISHED")
+    _fill_results(results, val_res, best_fitness, last, best)
+
+
+def _finish(cfg, results: TrainResults, tracking: _Tracking, callbacks: CallbackList, save_dir: Path, val_loader,
+            val_res, best_fitness: float, names, device, use_amp: bool, compute_loss, t_start: float,
+            start_epoch: int) -> None:
+    """End of training (rank 0): strip optimizers, validate ``best.pt``, plot, upload artifacts, end the run."""
+    from yolo.checkpoint import load_model, strip_optimizer
+    from yolo.val import validate
+
+    last, best = save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt"
+    csv_path = save_dir / "results.csv"
     log.info(f"\n{cfg.epochs - start_epoch} epochs completed in {(time.time() - t_start) / 3600:.3f} hours.")
     for f in (last, best):
         if f.exists():
             strip_optimizer(f)
     if best.exists() and not cfg.noval:
-        from yolo.checkpoint import load_model
-
         best_model, _ = load_model(best, fuse=True)
         best_model.to(device, memory_format=torch.channels_last)
         log.info(f"\nValidating {best}...")
@@ -432,7 +503,6 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
     log.info(f"Results saved to {save_dir}\n  weights: {last} and {best}\n  metrics: {csv_path}"
              + (f"\n  MLflow run: {tracking.run_id}" if tracking.run_id else ""))
     callbacks.on_train_end(results)
-    return results
 
 
 def _fill_results(results: TrainResults, val_res, best_fitness: float, last: Path, best: Path) -> None:
