@@ -1,0 +1,358 @@
+"""Evolution strategies at an equal budget of generations, on the embedded shapes dataset, on CPU (not part of CI).
+
+    python benchmarks/bench_evolve.py --jobs 2            # the full benchmark (about 35 min on 2 cores)
+    python benchmarks/bench_evolve.py --quick             # a smoke test of the whole pipeline (about 1-2 min)
+    python benchmarks/bench_evolve.py --report-only       # the table again from the curves already measured
+
+1. Once (cached in ``<out>/start``): yolov5n is trained from scratch on a shapes set (seed 0) with
+   ``hyp=shapes-scratch``; its best.pt is the start checkpoint of every evolution.
+2. For each strategy (mutation, tpe, cmaes, random) x pruning (``evolve.pruner=none``, ``median``) x seed, an
+   evolution of K generations, each fine-tuning the start checkpoint for E epochs on another shapes set (seed 1)
+   from ``hyp=shapes-scratch`` as the base hyps, runs in its own process with one torch thread (``--jobs`` of them
+   at a time). Each run is cached in ``<out>/runs/<name>/curve.json``; an interrupted benchmark continues.
+3. CPU time is the user + system time of the evolution's process (getrusage, the process and its children) from
+   just before ``evolve()`` to the end of each generation's training, so it counts the samplers' own work and
+   leaves out the interpreter start-up and imports. The best fitness so far against cumulative CPU time, for
+   every generation of every run, goes to ``<out>/curves.csv`` and ``<out>/results.json``.
+4. The table: per strategy x pruning, the final best fitness (mean ± sd over seeds), the total CPU time, and the
+   CPU time to reach the target (the mean final best fitness of the mutation search without pruning, i.e.
+   upstream's search) -- mean over the seeds that reach it, with how many did -- and that time as a fraction of
+   the mutation search's total CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STRATEGIES = ("mutation", "tpe", "cmaes", "random")
+PRUNERS = ("none", "median")
+FULL = dict(generations=12, epochs=2, imgsz=96, n_train=400, n_val=100, batch=16, seeds=[0, 1, 2],
+            start_n_train=1000, start_epochs=8, start_imgsz=128)
+QUICK = dict(generations=3, epochs=2, imgsz=64, n_train=32, n_val=16, batch=16, seeds=[0],
+             start_n_train=64, start_epochs=2, start_imgsz=64)
+BASELINE = ("mutation", "none")  # the search whose final best fitness is the target
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its (waited-for) children."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MPLBACKEND="Agg", TQDM_DISABLE="1",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import evolve.config  # noqa: F401  (registers the schemas)
+    import yolo.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and the start checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_data(folder: Path, seed: int, n_train: int, n_val: int) -> Path:
+    """A shapes set (``generate_shapes`` is idempotent) and its data YAML."""
+    from yolo.data.shapes import CLASS_NAMES, generate_shapes
+
+    root = generate_shapes(folder, seed=seed, n_train=n_train, n_val=n_val)
+    yaml = folder.with_suffix(".yaml")
+    yaml.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames: {list(CLASS_NAMES)}\n")
+    return yaml
+
+
+def start_spec(s: dict, out: Path) -> dict:
+    return {"n_train": s["start_n_train"], "n_val": s["n_val"], "epochs": s["start_epochs"],
+            "imgsz": s["start_imgsz"], "batch": s["batch"], "data_seed": 0, "out": str(out / "start")}
+
+
+def ensure_start(s: dict, out: Path, threads: int) -> dict:
+    """The start checkpoint: trained once, reused while its settings are unchanged."""
+    spec = start_spec(s, out)
+    info_path = out / "start" / "start.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("spec") == spec and Path(info["weights"]).is_file():
+            print(f"start checkpoint: {info['weights']} (cached; mAP50 {info['map50']:.3f}, "
+                  f"mAP50-95 {info['map']:.3f})", flush=True)
+            return info
+    print(f"start checkpoint: training yolov5n from scratch on {spec['n_train']} shapes images, "
+          f"{spec['epochs']} epochs at imgsz {spec['imgsz']} ...", flush=True)
+    run = out / "start" / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    with open(run.parent / "train.log", "w") as log:
+        p = subprocess.run([sys.executable, __file__, "--_start", json.dumps(spec)], cwd=ROOT,
+                           env=child_env(threads), stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise SystemExit(f"training the start checkpoint failed; see {run.parent / 'train.log'}")
+    info = json.loads(info_path.read_text())
+    print(f"start checkpoint: {info['weights']}: mAP50 {info['map50']:.3f}, mAP50-95 {info['map']:.3f} "
+          f"({info['cpu_s']:.0f} CPU-s, {info['wall_s']:.0f} s)", flush=True)
+    return info
+
+
+def _train_start(spec: dict) -> None:
+    """Child process: train the start checkpoint."""
+    import torch
+
+    from yolo.engine.trainer import train
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(spec["out"])
+    data = make_data(out.parent / "data" / "start", spec["data_seed"], spec["n_train"], spec["n_val"])
+    cfg = compose("train", ["model=yolov5n", "hyp=shapes-scratch", "data=external", f"data.file={data}",
+                            f"imgsz={spec['imgsz']}", f"epochs={spec['epochs']}", f"batch_size={spec['batch']}",
+                            "workers=0", "device=cpu", "noplots=true", "mlflow.enabled=false",
+                            f"project={out}", "name=run"])
+    t0, c0 = time.time(), cpu_seconds()
+    res = train(cfg, save_dir=out / "run")
+    weights = out / "start.pt"
+    shutil.copyfile(res.best or res.last, weights)
+    info = {"spec": spec, "weights": str(weights), "map50": res.map50, "map": res.map, "fitness": res.fitness,
+            "cpu_s": cpu_seconds() - c0, "wall_s": time.time() - t0}
+    (out / "start.json").write_text(json.dumps(info, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one evolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_name(strategy: str, pruner: str, seed: int) -> str:
+    return f"{strategy}-{pruner}-s{seed}"
+
+
+def evolve_overrides(s: dict, evo_dir: Path, data_yaml: Path, weights: str, strategy: str, pruner: str,
+                     seed: int) -> list[str]:
+    return [f"evolve.out_dir={evo_dir}", f"generations={s['generations']}", f"evolve.strategy={strategy}",
+            f"evolve.seed={seed}", f"evolve.pruner={pruner}", "evolve.plot=false", "mlflow.enabled=false",
+            "~model", f"weights={weights}", "hyp=shapes-scratch", "data=external", f"data.file={data_yaml}",
+            f"imgsz={s['imgsz']}", f"epochs={s['epochs']}", f"batch_size={s['batch']}", "workers=0", "device=cpu",
+            "noautoanchor=true"]
+
+
+def _run_evolution(spec: dict) -> None:
+    """Child process: one evolution, timed per generation; writes curve.json."""
+    import optuna
+    import torch
+
+    from evolve import ledger
+    from evolve.driver import evolve
+    from yolo.engine.trainer import train
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    evo_dir = Path(spec["evo_dir"])
+    shutil.rmtree(evo_dir, ignore_errors=True)  # a run interrupted earlier starts over, for a clean CPU count
+    cfg = compose("evolve", spec["overrides"])
+    ends: dict[str, float] = {}
+    c0 = cpu_seconds()
+
+    def timed_train(cfg, callbacks=(), save_dir=None):
+        try:
+            return train(cfg, callbacks=callbacks, save_dir=save_dir)
+        finally:
+            ends[str(cfg.name)] = cpu_seconds() - c0
+
+    t0 = time.time()
+    evolve(cfg, train_fn=timed_train)
+    cpu_total, wall = cpu_seconds() - c0, time.time() - t0
+    study = optuna.load_study(study_name="evolve", storage=ledger.open_storage(None, evo_dir))
+    gens, best = [], -math.inf
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            continue
+        fit = float(t.value) if t.state == optuna.trial.TrialState.COMPLETE else None
+        best = max(best, fit) if fit is not None else best
+        gens.append({"trial": t.number, "state": t.state.name, "fitness": fit, "best": best,
+                     "cpu_s": round(ends.get(f"trial{t.number:04d}", math.nan), 3),
+                     "epochs": t.user_attrs.get("epochs_completed"), "hyp": t.user_attrs.get("hyp")})
+    curve = {k: spec[k] for k in ("name", "strategy", "pruner", "seed", "settings")}
+    curve.update(generations=gens, cpu_s=round(cpu_total, 3), wall_s=round(wall, 3),
+                 process_cpu_s=round(cpu_seconds(), 3))
+    (evo_dir.parent / "curve.json").write_text(json.dumps(curve, indent=1))
+
+
+def run_one(spec: dict) -> dict | None:
+    folder = Path(spec["evo_dir"]).parent
+    curve_path = folder / "curve.json"
+    if curve_path.exists():
+        curve = json.loads(curve_path.read_text())
+        if curve.get("settings") == spec["settings"]:
+            return curve
+    folder.mkdir(parents=True, exist_ok=True)
+    curve_path.unlink(missing_ok=True)
+    t0 = time.time()
+    with open(folder / "evolve.log", "w") as log:
+        p = subprocess.run([sys.executable, __file__, "--_run", json.dumps(spec)], cwd=ROOT, env=child_env(1),
+                           stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0 or not curve_path.exists():
+        print(f"  {spec['name']}: FAILED (exit {p.returncode}); see {folder / 'evolve.log'}", flush=True)
+        return None
+    curve = json.loads(curve_path.read_text())
+    print(f"  {spec['name']}: best fitness {curve['generations'][-1]['best']:.4f}, {curve['cpu_s']:.0f} CPU-s "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
+
+
+def time_to(curve: dict, target: float) -> float | None:
+    """Cumulative CPU time at the first generation whose best fitness so far reaches ``target``."""
+    for g in curve["generations"]:
+        if g["best"] >= target - 1e-9:
+            return g["cpu_s"]
+    return None
+
+
+def final_best(curve: dict) -> float:
+    return curve["generations"][-1]["best"] if curve["generations"] else 0.0
+
+
+def report(curves: list[dict], strategies: list[str], pruners: list[str]) -> tuple[str, dict]:
+    groups = {(st, pr): [c for c in curves if c["strategy"] == st and c["pruner"] == pr]
+              for st in strategies for pr in pruners}
+    base = groups.get(BASELINE) or []
+    target = statistics.mean(final_best(c) for c in base) if base else None
+    base_cpu = statistics.mean(c["cpu_s"] for c in base) if base else None
+    lines = [f"Target: {target:.4f} (mean final best fitness of mutation, no pruning); "
+             f"mutation's mean total CPU time {base_cpu:.0f} s." if target is not None else
+             "No mutation/none runs: no target.", "",
+             "| strategy | pruning | final best fitness (mean ± sd) | CPU total (s) | CPU to target (s) | "
+             "reached | CPU to target / mutation's total |",
+             "|---|---|---|---|---|---|---|"]
+    summary = {"target": target, "baseline_cpu_s": base_cpu, "rows": []}
+    for (st, pr), cs in groups.items():
+        if not cs:
+            continue
+        finals = [final_best(c) for c in cs]
+        cpu = statistics.mean(c["cpu_s"] for c in cs)
+        hits = [t for t in (time_to(c, target) for c in cs) if t is not None] if target is not None else []
+        ttt = statistics.mean(hits) if hits else None
+        ratio = ttt / base_cpu if ttt is not None and base_cpu else None
+        lines.append(f"| {st} | {pr} | {_mean_sd(finals)} | {cpu:.0f} | "
+                     f"{f'{ttt:.0f}' if ttt is not None else '—'} | {len(hits)}/{len(cs)} | "
+                     f"{f'{ratio:.2f}' if ratio is not None else '—'} |")
+        summary["rows"].append({"strategy": st, "pruner": pr, "final_best": finals, "cpu_s": cpu,
+                                "cpu_to_target_s": ttt, "reached": len(hits), "runs": len(cs), "ratio": ratio})
+    return "\n".join(lines), summary
+
+
+def write_curves_csv(path: Path, curves: list[dict]) -> None:
+    rows = ["strategy,pruner,seed,generation,trial,state,fitness,best_fitness,cpu_s"]
+    for c in curves:
+        for i, g in enumerate(c["generations"]):
+            fit = "" if g["fitness"] is None else f"{g['fitness']:.6g}"
+            rows.append(f"{c['strategy']},{c['pruner']},{c['seed']},{i},{g['trial']},{g['state']},{fit},"
+                        f"{g['best']:.6g},{g['cpu_s']:.3f}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke test of the whole pipeline")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench_evolve[_quick]")
+    ap.add_argument("--jobs", type=int, default=2, help="evolutions run at a time (one torch thread each)")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    ap.add_argument("--pruners", nargs="+", default=list(PRUNERS))
+    ap.add_argument("--report-only", action="store_true", help="only tabulate the curves already measured")
+    for k, v in FULL.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, nargs="+" if isinstance(v, list) else None,
+                        default=None, help=f"default {v} ({QUICK[k]} with --quick)")
+    ap.add_argument("--_start", help=argparse.SUPPRESS)
+    ap.add_argument("--_run", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._start:
+        return _train_start(json.loads(a._start))
+    if a._run:
+        return _run_evolution(json.loads(a._run))
+
+    s = dict(QUICK if a.quick else FULL)
+    s.update({k: getattr(a, k) for k in FULL if getattr(a, k) is not None})
+    out = (a.out or ROOT / "runs" / ("bench_evolve_quick" if a.quick else "bench_evolve")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in s.items() if k != "seeds"}
+    specs = []
+    if not a.report_only:
+        t0, c0 = time.time(), cpu_seconds()
+        start = ensure_start(s, out, threads=max(1, a.jobs))
+        data = make_data(out / "data" / "evolve", 1, s["n_train"], s["n_val"])
+        settings["start"] = start["spec"]
+        for seed in s["seeds"]:
+            for st in a.strategies:
+                for pr in a.pruners:
+                    name = run_name(st, pr, seed)
+                    evo_dir = out / "runs" / name / "evo"
+                    specs.append({"name": name, "strategy": st, "pruner": pr, "seed": seed, "settings": settings,
+                                  "evo_dir": str(evo_dir), "overrides": evolve_overrides(
+                                      s, evo_dir, data, start["weights"], st, pr, seed)})
+        print(f"{len(specs)} evolutions of {s['generations']} generations x {s['epochs']} epochs "
+              f"({s['n_train']} images at imgsz {s['imgsz']}), {a.jobs} at a time; results in {out}", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            curves = [c for c in pool.map(run_one, specs) if c is not None]
+        print(f"done in {time.time() - t0:.0f} s wall, {cpu_seconds() - c0:.0f} CPU-s", flush=True)
+    else:
+        curves = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/curve.json"))]
+        curves = [c for c in curves if c["seed"] in s["seeds"]]
+
+    table, summary = report(curves, a.strategies, a.pruners)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "seeds": s["seeds"], "summary": summary,
+                                                  "curves": curves}, indent=1))
+    write_curves_csv(out / "curves.csv", curves)
+    (out / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    if summary["target"] is not None:
+        fast = [r for r in summary["rows"] if r["ratio"] is not None and r["ratio"] <= 0.5
+                and r["reached"] == r["runs"] and (r["strategy"], r["pruner"]) != BASELINE]
+        print("\nReaches the mutation search's final best fitness in at most half its CPU time (every seed): "
+              + (", ".join(f"{r['strategy']}/{r['pruner']}" for r in fast) if fast else "none"))
+    print(f"\ncurves: {out / 'curves.csv'}, {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
