@@ -415,6 +415,24 @@ class DatabaseLock:
                      "SET tcp_keepalives_count = 3"], "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
         return [], "SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"  # MySQL >= 5.7 / MariaDB: -1 waits forever
 
+    CONNECT_TRIES = 6  # a database unreachable for about a minute (1 + 2 + 4 + 8 + 16 + 30 s) stops the worker
+
+    def _connect(self) -> Any:
+        import sqlalchemy.exc
+
+        for attempt in range(self.CONNECT_TRIES):
+            try:
+                return self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            except sqlalchemy.exc.OperationalError as e:
+                permanent = any(m in str(e).lower() for m in ("authentication", "does not exist", "password"))
+                if permanent or attempt == self.CONNECT_TRIES - 1:
+                    raise
+                wait = min(30, 2 ** attempt)
+                log.warning(f"WARNING: evolve: database unreachable ({str(e).strip().splitlines()[0]}); "
+                            f"retrying in {wait}s")
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
     def __enter__(self) -> DatabaseLock:
         self._thread_lock.acquire()
         try:
@@ -425,7 +443,7 @@ class DatabaseLock:
                 if self._engine is None:
                     self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
                 setup, lock, _ = self._lock_sql()
-                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn = self._connect()
                 try:
                     for stmt in setup:
                         with contextlib.suppress(Exception):  # e.g. a Unix socket has no keepalives

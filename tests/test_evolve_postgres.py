@@ -186,6 +186,13 @@ def test_database_lock_is_exclusive_and_freed_when_its_holder_is_killed(postgres
         holder.wait(10)
 
 
+def test_missing_database_fails_at_once(postgres):
+    t0 = time.time()
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="does not exist"):
+        ledger.open_storage(postgres.url("no_such_db"), ".")
+    assert time.time() - t0 < 10  # not retried like an unreachable server
+
+
 def load(url: str) -> optuna.Study:
     return optuna.load_study(study_name="evolve", storage=ledger.open_storage(url, "."))
 
