@@ -614,8 +614,25 @@ def _jsonish(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def _worker_entry(container: dict, worker: int, train_fn: Any, level: int, threads: int | None) -> None:
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this worker when the process that started it is gone (SIGKILLed, or a SIGTERM without clean-up):
+    workers must not go on training, orphaned, beside those of the command run again. The generation it was
+    training is then failed (and retried) like any whose worker died."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning(f"WARNING: evolve: the main process {parent} is gone; worker {os.getpid()} exits")
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="evolve-parent-watch").start()
+
+
+def _worker_entry(container: dict, worker: int, train_fn: Any, level: int, threads: int | None,
+                  parent: int | None = None) -> None:
     """A worker process (spawned): its own storage connection and sampler, the shared lock."""
+    if parent is not None:
+        _exit_with_parent(parent, poll_s=min(1.0, float(container["evolve"]["poll_s"])))
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
@@ -638,7 +655,8 @@ def _run_processes(setup: _Setup, study: optuna.Study, train_fn: Any, progress: 
     threads = max(1, (os.cpu_count() or 1) // n)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, name=f"evolve-worker-{i}",
-                         args=(container, i, train_fn, log.getEffectiveLevel(), threads)) for i in range(n)]
+                         args=(container, i, train_fn, log.getEffectiveLevel(), threads, os.getpid()))
+             for i in range(n)]
     for p in procs:
         p.start()
     try:

@@ -118,3 +118,63 @@ def test_real_sigkill_mid_generation_then_resume(tiny_shapes, tmp_path):
     rows = ledger.study_rows(study.trials, {})
     assert [r.number for r in rows] == [0, 1, 4, 5]  # evolve.csv holds the finished generations only
     assert not any(all(r.hyp[k] == v for k, v in killed.params.items()) for r in rows)  # nor the lost one
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rfind(")") + 2:].split()[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    state = ledger.process_start(pid)
+    return state is not None and state[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_real_sigkill_the_command_of_two_workers_then_resume(tiny_shapes, tmp_path):
+    """The main process of ``evolve.workers=2`` SIGKILLed mid-generation: its workers exit too (no orphan goes on
+    training beside the command run again); the same command again fails and retries what they were training."""
+    out = tmp_path / "evo"
+    args = real_overrides(out, tiny_shapes, 6, "evolve.workers=2")
+    proc = launch(args)
+    started = out / "generations" / "trial0003" / "hyp.yaml"
+    t0 = time.time()
+    while not started.exists():
+        assert proc.poll() is None, proc.stdout.read()[-5000:]
+        assert time.time() - t0 < 90, "timed out waiting for trial 3"
+        time.sleep(0.02)
+    workers = children(proc.pid)
+    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    t0 = time.time()
+    while any(alive(w) for w in workers) and time.time() - t0 < 15:
+        time.sleep(0.1)
+    orphans = [w for w in workers if alive(w)]
+    for w in orphans:
+        os.kill(w, signal.SIGKILL)
+    log = proc.communicate(timeout=30)[0]  # the workers held the pipe too
+    assert not orphans, log[-3000:]
+    assert "the main process" in log and "is gone" in log
+    before = load(out).trials
+    running = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert 3 in running and not (out / "generations" / "trial0003" / "results.csv").exists()
+
+    log = finish(launch(args))  # the same command again
+    assert "6 generations finished (6 complete" in log
+    study = check_ledger(out, 6)
+    check_real(study, 6)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == running
+    for t in failed:
+        assert "died" in t.user_attrs[ledger.FAIL_ATTR]
+        retry = [r for r in study.trials if r.system_attrs.get("retry_history") == [t.number]]
+        assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == t.params
