@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, compose, train_overrides
 
 from yolo.engine.distributed import DDPConfigError, DistInfo, check_config
@@ -46,6 +47,7 @@ def test_two_cpu_processes_train_one_model(tiny_shapes, tmp_path):
     assert set(seen[0]) | set(seen[1]) == set(range(48))
 
     # (b) the processes hold the same weights after the first optimizer step and at the end of the epoch
+    assert ranks[0]["weights"]["start"] == ranks[1]["weights"]["start"]  # rank 0's weights and buffers copied
     for tag in ("first_step", "epoch0"):
         assert ranks[0]["weights"][tag]["parameters"] == ranks[1]["weights"][tag]["parameters"], tag
 
@@ -63,6 +65,46 @@ def test_two_cpu_processes_train_one_model(tiny_shapes, tmp_path):
     assert mlflow_runs[0].info.status == "FINISHED"
     assert mlflow_runs[0].data.tags["save_dir"] == str(run)
     assert [m.step for m in client.get_metric_history(mlflow_runs[0].info.run_id, "train/box_loss")] == [0]
+
+
+def test_resume_under_ddp(tiny_shapes, tmp_path):
+    """A run stopped after epoch 0 is resumed by 2 processes: same folder, same MLflow run, epoch 1 only."""
+    from mlflow.tracking import MlflowClient
+
+    from yolo.checkpoint import load_checkpoint
+    from yolo.engine.callbacks import StopTraining
+    from yolo.engine.trainer import train
+
+    def stop_after_first_epoch(epoch, metrics):
+        raise StopTraining("interrupted for the test")
+
+    args = train_overrides(tiny_shapes, tmp_path, "epochs=2", "imgsz=64", "batch_size=8", "noplots=true",
+                           "noval=true")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes run: on a busy machine, far faster than competing threads
+    try:
+        first = train(compose("train", args), callbacks=[stop_after_first_epoch], save_dir=tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    last = Path(first.last)
+    assert load_checkpoint(last).epoch == 0 and first.mlflow_run_id
+
+    trace = tmp_path / "trace"
+    env = dict(os.environ, YOLO_DDP_TRACE=str(trace), OMP_NUM_THREADS="1")
+    out = torchrun([f"resume={last}", f"hydra.run.dir={tmp_path / 'launch'}"], env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "Resuming training from" in out.stdout + out.stderr
+
+    ranks = read_traces(trace, 2)
+    assert [list(r["epochs"]) for r in ranks] == [["1"], ["1"]]
+    assert ranks[0]["weights"]["epoch1"]["parameters"] == ranks[1]["weights"]["epoch1"]["parameters"]
+    rows = (tmp_path / "run" / "results.csv").read_text().strip().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [0, 1]
+    assert load_checkpoint(last).optimizer is None  # finished and stripped by rank 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("yolo").experiment_id])
+    assert [r.info.run_id for r in runs] == [first.mlflow_run_id] and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first.mlflow_run_id, "train/box_loss")) == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------ the pieces

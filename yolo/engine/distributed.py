@@ -296,7 +296,10 @@ class TrainTrace:
     """What one process trained on, written to ``<folder>/rank<R>.json`` when ``YOLO_DDP_TRACE=<folder>`` is set.
 
     ``{"rank", "world_size", "epochs": {epoch: [image index, ...]}, "weights": {tag: {"parameters": sha256,
-    "buffers": sha256}}}``; image indices are positions in the training dataset's ``im_files``.
+    "buffers": sha256}}}``; image indices are positions in the training dataset's ``im_files``; tags are ``start``
+    (after DDP copied rank 0's weights), ``first_step`` (after the first optimizer step) and ``epoch<N>``.
+    Parameters agree across processes; buffers (BatchNorm running statistics) are rank 0's at the start of
+    every forward pass but each process then updates its own with its own batch (unless ``sync_bn``).
     """
 
     def __init__(self, folder: Path, info: DistInfo, im_files: list[str]):

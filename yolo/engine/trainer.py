@@ -338,6 +338,8 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
         callbacks.on_train_start({"save_dir": str(save_dir), "epochs": cfg.epochs, "start_epoch": start_epoch,
                                   "nc": nc, "imgsz": imgsz})
     trace = TrainTrace.from_env(info, dataset.im_files)
+    if trace is not None:
+        trace.weights("start", model)
 
     nb = len(train_loader)
     nw = warmup_iterations(hyp.warmup_epochs, nb)
