@@ -393,9 +393,10 @@ class DatabaseLock:
     a PostgreSQL advisory lock, or MySQL/MariaDB's ``GET_LOCK``. The server releases it when its holder's
     connection drops, so a killed worker never keeps it; a vanished machine's connection is dropped by the
     server's TCP keepalives (set to about a minute for this connection on PostgreSQL). Re-entrant within one
-    process. One short-lived connection per acquisition, apart from the storage's own pool."""
+    process. It uses one connection of its own, kept open between acquisitions (opened again if it broke)."""
 
     DIALECTS = ("postgresql", "mysql", "mariadb")
+    CONNECT_TRIES = 6  # a database unreachable for about a minute (1 + 2 + 4 + 8 + 16 + 30 s) stops the worker
 
     def __init__(self, url: str, name: str):
         self.url, self.name = with_installed_driver(url), name
@@ -403,26 +404,29 @@ class DatabaseLock:
         if self.dialect not in self.DIALECTS:
             raise ValueError(f"no database lock for {self.dialect}")
         self.key = _lock_key(name)
+        self._params = {"k": self.key, "n": f"yolo-evolve-{self.key & 0xFFFFFFFFFFFFFFFF:x}"}
         self._engine = None
-        self._conn = None
+        self._conn = None  # open between acquisitions
         self._depth = 0
         self._thread_lock = threading.RLock()
 
-    def _lock_sql(self) -> tuple[list[str], str, str]:
+    def _statements(self) -> tuple[list[str], str, str]:
         """(session set-up statements, lock statement, unlock statement)."""
         if self.dialect == "postgresql":
             return (["SET tcp_keepalives_idle = 30", "SET tcp_keepalives_interval = 10",
                      "SET tcp_keepalives_count = 3"], "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
         return [], "SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"  # MySQL >= 5.7 / MariaDB: -1 waits forever
 
-    CONNECT_TRIES = 6  # a database unreachable for about a minute (1 + 2 + 4 + 8 + 16 + 30 s) stops the worker
-
     def _connect(self) -> Any:
-        import sqlalchemy.exc
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
 
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
         for attempt in range(self.CONNECT_TRIES):
             try:
-                return self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                break
             except sqlalchemy.exc.OperationalError as e:
                 permanent = any(m in str(e).lower() for m in ("authentication", "does not exist", "password"))
                 if permanent or attempt == self.CONNECT_TRIES - 1:
@@ -431,51 +435,61 @@ class DatabaseLock:
                 log.warning(f"WARNING: evolve: database unreachable ({str(e).strip().splitlines()[0]}); "
                             f"retrying in {wait}s")
                 time.sleep(wait)
-        raise AssertionError("unreachable")
+        for stmt in self._statements()[0]:
+            with contextlib.suppress(Exception):  # e.g. a Unix socket has no keepalives
+                conn.exec_driver_sql(stmt)
+        return conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def __enter__(self) -> DatabaseLock:
+        import sqlalchemy
+
         self._thread_lock.acquire()
         try:
             if self._depth == 0:
-                import sqlalchemy
-                from sqlalchemy.pool import NullPool
-
-                if self._engine is None:
-                    self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
-                setup, lock, _ = self._lock_sql()
-                conn = self._connect()
+                lock = sqlalchemy.text(self._statements()[1])
                 try:
-                    for stmt in setup:
-                        with contextlib.suppress(Exception):  # e.g. a Unix socket has no keepalives
-                            conn.exec_driver_sql(stmt)
-                    conn.execute(sqlalchemy.text(lock), {"k": self.key, "n": f"yolo-evolve-{self.key:x}"[:64]})
-                except BaseException:
-                    conn.close()
-                    raise
-                self._conn = conn
+                    if self._conn is None:
+                        self._conn = self._connect()
+                    self._conn.execute(lock, self._params)
+                except sqlalchemy.exc.DBAPIError as e:  # the kept connection broke (server restart): a new one
+                    if not e.connection_invalidated and not isinstance(e, sqlalchemy.exc.OperationalError):
+                        raise
+                    self._close()
+                    self._conn = self._connect()
+                    self._conn.execute(lock, self._params)
             self._depth += 1
         except BaseException:
+            if self._depth == 0:
+                self._close()  # a half-made request for the lock must not stay behind
             self._thread_lock.release()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
+        import sqlalchemy
+
         try:
             self._depth -= 1
             if self._depth == 0 and self._conn is not None:
-                import sqlalchemy
-
-                conn, self._conn = self._conn, None
                 try:
-                    conn.execute(sqlalchemy.text(self._lock_sql()[2]),
-                                 {"k": self.key, "n": f"yolo-evolve-{self.key:x}"[:64]})
+                    self._conn.execute(sqlalchemy.text(self._statements()[2]), self._params)
                 except Exception as e:  # the connection is gone: the server has released the lock with it
                     log.debug(f"evolve: releasing the database lock: {e}")
-                finally:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                    self._close()
         finally:
             self._thread_lock.release()
+
+    def close(self) -> None:
+        """Close the kept connection (it also closes with the process)."""
+        with self._thread_lock:
+            if self._depth == 0:
+                self._close()
 
 
 def database_lock(url: str, name: str) -> DatabaseLock | None:
