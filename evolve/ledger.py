@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import logging
 import math
-import hashlib
 import os
 import random
 import socket
@@ -349,24 +349,30 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:  # when Optuna's own fail_stale_trials runs
         retry_trial(study, trial, max_retries, reason="no heartbeat")
 
-    lock = database_lock(where, "schema") or contextlib.nullcontext()
-    for attempt in range(4):
-        try:
-            with lock, warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(where, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                                  grace_period=grace_s, heartbeat_stale_trial_callback=on_stale)
-        except ModuleNotFoundError as e:
-            hint = DRIVER_HINTS.get(_dialect(where), "its SQLAlchemy driver")
-            raise ModuleNotFoundError(f"evolve.storage={_redact_url(where)} needs the database driver "
-                                      f"{e.name!r}: install {hint}") from e
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
-                optuna.exceptions.StorageInternalError) as e:  # tables created concurrently by another worker
-            if attempt == 3:
-                raise
-            log.debug(f"evolve: opening the storage raced with another worker ({type(e).__name__}), retrying")
-            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
-    raise AssertionError("unreachable")
+    db_lock = None
+    try:
+        db_lock = database_lock(where, "schema")
+        for attempt in range(4):
+            try:
+                with db_lock or contextlib.nullcontext(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(where, engine_kwargs=engine_kwargs,
+                                                      heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                                      heartbeat_stale_trial_callback=on_stale)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                    optuna.exceptions.StorageInternalError) as e:  # tables created concurrently by another worker
+                if attempt == 3:
+                    raise
+                log.debug(f"evolve: opening the storage raced with another worker ({type(e).__name__}), retrying")
+                time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+        raise AssertionError("unreachable")
+    except ModuleNotFoundError as e:
+        hint = DRIVER_HINTS.get(_dialect(where), "its SQLAlchemy driver")
+        raise ModuleNotFoundError(f"evolve.storage={_redact_url(where)} needs the database driver "
+                                  f"{e.name!r}: install {hint}") from e
+    finally:
+        if db_lock is not None:
+            db_lock.close()
 
 
 def _dialect(url: str) -> str:

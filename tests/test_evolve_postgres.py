@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -165,8 +166,9 @@ def postgres():
 def test_database_lock_is_exclusive_and_freed_when_its_holder_is_killed(postgres):
     url = postgres.url()  # advisory locks need no tables: the default database
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom evolve import ledger\n"
-         f"with ledger.DatabaseLock({url!r}, 'study:x'):\n    print('locked', flush=True)\n    time.sleep(600)"],
+        [sys.executable, "-c", ("import sys, time\nfrom evolve import ledger\n"
+                                f"with ledger.DatabaseLock({url!r}, 'study:x'):\n"
+                                "    print('locked', flush=True)\n    time.sleep(600)")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -206,6 +208,28 @@ def test_database_lock_reconnects_after_its_connection_broke(postgres):
     finally:
         lock.close()
         engine.dispose()
+
+
+def test_trial_that_never_beat_goes_stale(postgres):
+    """A worker on another machine died between creating its trial and its first heartbeat: whoever sees the trial
+    gives it a first heartbeat, so that it goes stale like any other and its hyps are queued again."""
+    study = optuna.create_study(
+        storage=ledger.open_storage(postgres.create_database("evolve_orphan"), ".", heartbeat_s=1, grace_s=2),
+        study_name="s", direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: heartbeats are meant for optimize()
+        trial = study.ask()
+    trial.suggest_float("a", 0, 1)
+    study._storage.set_trial_system_attr(trial._trial_id, ledger.OWNER_ATTR, {"host": "elsewhere/x", "pid": 7})
+    assert ledger.recover_stale_trials(study, max_retries=1) == []
+    failed, t0 = [], time.time()
+    while not failed and time.time() - t0 < 10:
+        time.sleep(0.5)
+        failed = ledger.recover_stale_trials(study, max_retries=1)
+    assert failed == [0] and time.time() - t0 > 1.5
+    dead, retry = study.get_trials()
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.WAITING and retry.params == dead.params
+    assert dead.user_attrs[ledger.FAIL_ATTR] == "no heartbeat for 2s: worker 7 on elsewhere is gone"
 
 
 def test_missing_database_fails_at_once(postgres):
