@@ -149,7 +149,13 @@ def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, 
 
         if importlib.util.find_spec("cmaes") is None:
             raise ImportError("evolve.strategy=cmaes needs the 'cmaes' package: pip install cmaes")
-        return samplers.CmaEsSampler(seed=s, **kw)  # its mean starts near the first (base) trial
+        # CMA-ES's mean starts at the base hyps, like the mutation search (Optuna's default is the middle of
+        # every range: e.g. mosaic 0.5 and lr0 0.05 whatever the base); its step size stays Optuna's (1/6 of a range)
+        kw.setdefault("x0", {k: min(max(float(base[k]), space.bounds[k].lower), space.bounds[k].upper)
+                             for k in space.tuned_keys})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # x0 is deprecated in Optuna 4.9, removed in 6.0
+            return samplers.CmaEsSampler(seed=s, **kw)
     raise AssertionError(strategy)
 
 
