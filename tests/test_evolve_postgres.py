@@ -176,6 +176,7 @@ def test_database_lock_is_exclusive_and_freed_when_its_holder_is_killed(postgres
         other_name = ledger.DatabaseLock(url, "study:y")  # another study's lock is independent
         with other_name:
             pass
+        other_name.close()
 
         def take():
             with ledger.DatabaseLock(url, "study:x"):
