@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +68,14 @@ class TrainResults:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Stop(NamedTuple):
+    """Why training stops after an epoch (rank 0 decides and tells the other processes)."""
+
+    reason: str
+    pruned: bool
+    by_callback: bool
 
 
 class EarlyStopping:
@@ -410,7 +418,7 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
                 trace.weights(f"epoch{epoch}", model)
 
             # ---- end of epoch (rank 0): validate, record, save; then every process learns whether to stop -----
-            verdict = None  # (reason, pruned) when training stops after this epoch
+            verdict: _Stop | None = None  # rank 0's decision to stop after this epoch
             if main:
                 ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
                 final_epoch = (epoch + 1 == cfg.epochs) or stopper.possible_stop
@@ -441,16 +449,15 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
                 try:
                     callbacks.on_epoch_end(epoch, metrics)
                 except StopTraining as e:
-                    verdict = (str(e), e.pruned, True)
+                    verdict = _Stop(str(e), e.pruned, by_callback=True)
                 if verdict is None and stop:
-                    verdict = ("early stopping", False, False)
+                    verdict = _Stop("early stopping", pruned=False, by_callback=False)
             verdict = distributed.broadcast(verdict, info)
             results.epochs_completed = epoch + 1
             if verdict is not None:
-                reason, pruned, by_callback = verdict
                 results.stopped_early = True
-                if by_callback:
-                    stopped_by = StopTraining(reason, pruned=pruned)
+                if verdict.by_callback:
+                    stopped_by = StopTraining(verdict.reason, pruned=verdict.pruned)
                 break
     except BaseException:
         tracking.end(status="FAILED")
