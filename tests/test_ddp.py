@@ -179,3 +179,12 @@ def test_device_per_process():
     assert str(select_device("cpu", local_rank=1)) == "cpu"
     with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
         select_device("0,1")
+
+
+def test_refused_ddp_option_is_one_error_line(capsys):
+    from yolo.cli import exit_on_user_error
+
+    with pytest.raises(SystemExit) as exc, exit_on_user_error():
+        raise DDPConfigError("image_weights is not supported under DDP")
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip() == "ERROR: image_weights is not supported under DDP"

@@ -10,8 +10,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input (bad path, bad file, bad dataset): one line, no traceback."""
     from yolo.checkpoint import CheckpointError
     from yolo.data.config import DatasetError
+    from yolo.engine.distributed import DDPConfigError
 
-    return CheckpointError, DatasetError, FileNotFoundError
+    return CheckpointError, DatasetError, DDPConfigError, FileNotFoundError
 
 
 @contextlib.contextmanager
