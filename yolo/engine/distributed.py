@@ -219,16 +219,21 @@ def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
 
 @contextlib.contextmanager
 def quiet_unless_main(info: DistInfo, logger: logging.Logger = log) -> Iterator[None]:
-    """Only rank 0 logs progress; the other processes keep warnings and errors."""
+    """Only rank 0 logs progress and shows progress bars; the other processes keep warnings and errors."""
     if info.is_main:
         yield
         return
-    level = logger.level
+    level, bars = logger.level, os.environ.get("TQDM_DISABLE")
     logger.setLevel(max(logging.WARNING, level))
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables (dataset scan, caching)
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = bars
 
 
 # ---------------------------------------------------------------------------------------------------------------
