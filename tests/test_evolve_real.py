@@ -1,9 +1,9 @@
-"""Evolution with real training (``yolo.engine.trainer.train``): worker processes sharing one journal, and a worker
-SIGKILLed mid-generation then the same command run again.
+"""Evolution with real training (``yolo.engine.trainer.train``): two worker processes sharing one journal; a
+worker SIGKILLed mid-generation, then the same command run again; the command of two workers SIGKILLed.
 
-The generations are tiny but real: yolov5n from scratch on the session's tiny shapes set (tests/conftest.py), imgsz 64,
-one epoch, one torch thread per process. Their fitness is about 0 (one epoch from scratch learns nothing), which is
-fine: these tests are about the ledger, not the search.
+The generations are tiny but real: yolov5n from scratch on the session's tiny shapes set (tests/conftest.py),
+imgsz 64, one epoch, one torch thread per process. Their fitness is about 0 (one epoch from scratch learns
+nothing), which is fine: these tests are about the ledger, not the search.
 """
 
 from __future__ import annotations
@@ -47,9 +47,8 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
     return out
 
 
-def kill_when_training(proc: subprocess.Popen, out: Path, number: int, timeout: float = 90) -> None:
-    """SIGKILL the (single-worker) command once trial ``number``'s training has started (the trainer has written
-    the generation's hyp.yaml), then check it died mid-generation."""
+def wait_training(proc: subprocess.Popen, out: Path, number: int, timeout: float = 90) -> Path:
+    """Wait until trial ``number``'s training has started (the trainer has written its hyp.yaml); its folder."""
     started = out / "generations" / f"trial{number:04d}" / "hyp.yaml"
     t0 = time.time()
     while not started.exists():
@@ -59,9 +58,16 @@ def kill_when_training(proc: subprocess.Popen, out: Path, number: int, timeout: 
             proc.kill()
             raise AssertionError(f"timed out waiting for {started}")
         time.sleep(0.02)
+    return started.parent
+
+
+def kill_when_training(proc: subprocess.Popen, out: Path, number: int) -> None:
+    """SIGKILL the (single-worker) command once trial ``number``'s training has started, then check it died
+    mid-generation."""
+    folder = wait_training(proc, out, number)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
-    assert not (started.parent / "results.csv").exists()  # killed before its epoch ended
+    assert not (folder / "results.csv").exists()  # killed before its epoch ended
     trial = load(out).trials[number]
     assert trial.state == TrialState.RUNNING  # as the dead worker left it
     assert trial.system_attrs[ledger.OWNER_ATTR]["pid"] == proc.pid
@@ -145,12 +151,7 @@ def test_real_sigkill_the_command_of_two_workers_then_resume(tiny_shapes, tmp_pa
     out = tmp_path / "evo"
     args = real_overrides(out, tiny_shapes, 6, "evolve.workers=2")
     proc = launch(args)
-    started = out / "generations" / "trial0003" / "hyp.yaml"
-    t0 = time.time()
-    while not started.exists():
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        assert time.time() - t0 < 90, "timed out waiting for trial 3"
-        time.sleep(0.02)
+    folder = wait_training(proc, out, 3)
     workers = children(proc.pid)
     assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
@@ -166,7 +167,7 @@ def test_real_sigkill_the_command_of_two_workers_then_resume(tiny_shapes, tmp_pa
     assert "the main process" in log and "is gone" in log
     before = load(out).trials
     running = [t.number for t in before if t.state == TrialState.RUNNING]
-    assert 3 in running and not (out / "generations" / "trial0003" / "results.csv").exists()
+    assert 3 in running and not (folder / "results.csv").exists()
 
     log = finish(launch(args))  # the same command again
     assert "6 generations finished (6 complete" in log
