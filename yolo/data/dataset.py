@@ -24,7 +24,7 @@ from typing import Any, Mapping, NamedTuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from yolo.boxes import xywhn2xyxy, xyxy2xywhn
 from yolo.data.augment import (
@@ -38,6 +38,7 @@ from yolo.data.augment import (
 )
 from yolo.data.config import DatasetError
 from yolo.data.labels import img2label_paths, label_cache_path, list_image_files, scan_dataset, writable_cache_path
+from yolo.data.transfer import stack_images
 
 log = logging.getLogger("yolo")
 
@@ -333,11 +334,12 @@ class YoloDataset(Dataset):
     # ------------------------------------------------------------------ batching
     @staticmethod
     def collate_fn(batch):
-        """Stack images (into shared memory inside a worker), concatenate targets with the image index first."""
+        """Stack images (in a worker: into reused shared memory, see :mod:`yolo.data.transfer`), concatenate the
+        targets with the image index first."""
         imgs, labels, paths, shapes = zip(*batch)
         for i, lb in enumerate(labels):
             lb[:, 0] = i
-        return default_collate(list(imgs)), torch.cat(labels, 0), paths, shapes
+        return stack_images(imgs), torch.cat(labels, 0), paths, shapes
 
 
 def _available_memory() -> int | None:
