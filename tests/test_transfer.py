@@ -8,7 +8,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions)
+import torch.multiprocessing  # registers the shared-memory reductions that ForkingPickler uses
 from torch.utils.data import DataLoader, Dataset
 
 from yolo.data import transfer
