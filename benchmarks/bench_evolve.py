@@ -154,7 +154,7 @@ def evolve_overrides(s: dict, evo_dir: Path, data_yaml: Path, weights: str, stra
                      seed: int) -> list[str]:
     return [f"evolve.out_dir={evo_dir}", f"generations={s['generations']}", f"evolve.strategy={strategy}",
             f"evolve.seed={seed}", f"evolve.pruner={pruner}", "evolve.plot=false", "mlflow.enabled=false",
-            "~model", f"weights={weights}", "hyp=shapes-scratch", "data=external", f"data.file={data_yaml}",
+            "~model", f"weights={weights}", f"hyp={s['hyp']}", "data=external", f"data.file={data_yaml}",
             f"imgsz={s['imgsz']}", f"epochs={s['epochs']}", f"batch_size={s['batch']}", "workers=0", "device=cpu",
             "noautoanchor=true"]
 
@@ -300,6 +300,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--pruners", nargs="+", default=list(PRUNERS))
     ap.add_argument("--report-only", action="store_true", help="only tabulate the curves already measured")
+    ap.add_argument("--hyp", default="scratch-low", help="the base hyps of every evolution (conf/hyp/)")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, nargs="+" if isinstance(v, list) else None,
                         default=None, help=f"default {v} ({QUICK[k]} with --quick)")
@@ -311,7 +312,7 @@ def main() -> None:
     if a._run:
         return _run_evolution(json.loads(a._run))
 
-    s = dict(QUICK if a.quick else FULL)
+    s = dict(QUICK if a.quick else FULL, hyp=a.hyp)
     s.update({k: getattr(a, k) for k in FULL if getattr(a, k) is not None})
     out = (a.out or ROOT / "runs" / ("bench_evolve_quick" if a.quick else "bench_evolve")).resolve()
     out.mkdir(parents=True, exist_ok=True)
