@@ -8,8 +8,10 @@
    ``hyp=shapes-scratch``; its best.pt is the start checkpoint of every evolution.
 2. For each strategy (mutation, tpe, cmaes, random) x pruning (``evolve.pruner=none``, ``median``) x seed, an
    evolution of K generations, each fine-tuning the start checkpoint for E epochs on another shapes set (seed 1)
-   from ``hyp=shapes-scratch`` as the base hyps, runs in its own process with one torch thread (``--jobs`` of them
-   at a time). Each run is cached in ``<out>/runs/<name>/curve.json``; an interrupted benchmark continues.
+   from ``--hyp`` as the base hyps (default ``scratch-low``, upstream's: its augmentation does not suit a 2-epoch
+   fine-tune, so there is something to find; from ``shapes-scratch``, the start's own recipe, hardly any
+   generation beats the base), runs in its own process with one torch thread (``--jobs`` of them at a time).
+   Each run is cached in ``<out>/runs/<name>/curve.json``; an interrupted benchmark continues.
 3. CPU time is the user + system time of the evolution's process (getrusage, the process and its children) from
    just before ``evolve()`` to the end of each generation's training, so it counts the samplers' own work and
    leaves out the interpreter start-up and imports. The best fitness so far against cumulative CPU time, for
