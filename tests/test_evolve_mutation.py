@@ -190,3 +190,26 @@ def test_space_table_errors_name_the_key():
         build_space({"box": [1, 0.5, 0.1]}, _base())
     with pytest.raises(ValueError, match="cls"):
         build_space({"cls": [1, 0.5]}, _base())
+
+
+def test_cmaes_starts_at_the_base_hyps_not_the_middle_of_the_ranges():
+    """Optuna's CMA-ES would start at the middle of every range (mosaic 0.5, lr0 0.05); ours starts at the base,
+    clipped into the limits, like the mutation search."""
+    import warnings
+
+    from evolve.samplers import make_sampler
+
+    base_hyp = {k: 0.5 for k in HYP_KEYS if k != "anchors"}
+    base_hyp.update(lr0=0.01, mosaic=1.0, anchor_t=4.0, degrees=0.0, weight_decay=0.0005, hsv_h=0.015)
+    space, base = build_space(UPSTREAM_META, base_hyp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = make_sampler("cmaes", space, base, seed=0)
+    x0 = getattr(sampler, "_x0", None)
+    if x0 is None:
+        pytest.skip("this Optuna keeps CMA-ES's start elsewhere")
+    assert set(x0) == set(space.tuned_keys)
+    for k in space.tuned_keys:
+        lo, hi = space.bounds[k].lower, space.bounds[k].upper
+        assert x0[k] == pytest.approx(min(max(base[k], lo), hi)), k
+    assert x0["lr0"] == pytest.approx(0.01) and x0["mosaic"] == pytest.approx(1.0)
