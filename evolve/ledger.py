@@ -307,18 +307,21 @@ def with_installed_driver(url: str) -> str:
         return url
     if "+" in u.drivername or u.drivername not in DRIVER_ALTERNATIVES:
         return url
-    try:
-        u.get_dialect().import_dbapi()
+
+    def loads(u) -> bool:
+        try:  # SQLAlchemy 2.x: import_dbapi(); 1.4: dbapi()
+            dialect = u.get_dialect()
+            (dialect.import_dbapi if hasattr(dialect, "import_dbapi") else dialect.dbapi)()
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError):
+            return False
+        return True
+
+    if loads(u):
         return url
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError):
-        pass
     for driver in DRIVER_ALTERNATIVES[u.drivername]:
         candidate = u.set(drivername=f"{u.drivername}+{driver}")
-        try:
-            candidate.get_dialect().import_dbapi()
-        except (ImportError, sqlalchemy.exc.NoSuchModuleError):
-            continue
-        return candidate.render_as_string(hide_password=False)
+        if loads(candidate):
+            return candidate.render_as_string(hide_password=False)
     return url
 
 

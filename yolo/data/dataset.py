@@ -24,7 +24,7 @@ from typing import Any, Mapping, NamedTuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from yolo.boxes import xywhn2xyxy, xyxy2xywhn
 from yolo.data.augment import (
@@ -333,13 +333,15 @@ class YoloDataset(Dataset):
 
     # ------------------------------------------------------------------ batching
     @staticmethod
-    def collate_fn(batch):
-        """Stack images (in a worker: into reused shared memory, see :mod:`yolo.data.transfer`), concatenate the
-        targets with the image index first."""
+    def collate_fn(batch, reuse_blocks: bool = True):
+        """Stack images, concatenate the targets with the image index first. In a worker the images go into reused
+        shared memory (:mod:`yolo.data.transfer`) unless ``reuse_blocks`` is false (rect batches, whose shapes
+        vary, gain nothing from it)."""
         imgs, labels, paths, shapes = zip(*batch)
         for i, lb in enumerate(labels):
             lb[:, 0] = i
-        return stack_images(imgs), torch.cat(labels, 0), paths, shapes
+        images = stack_images(imgs) if reuse_blocks else default_collate(list(imgs))
+        return images, torch.cat(labels, 0), paths, shapes
 
 
 def _available_memory() -> int | None:

@@ -9,6 +9,7 @@ Under DDP each process's sampler keeps a disjoint share of every epoch's order (
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -145,7 +146,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
         # image weights change between epochs in the main process: fresh workers pick them up
         persistent_workers=nw > 0 and not image_weights,
         pin_memory=PIN_MEMORY and torch.cuda.is_available(),
-        collate_fn=YoloDataset.collate_fn,
+        collate_fn=functools.partial(YoloDataset.collate_fn, reuse_blocks=not rect),
         worker_init_fn=_init_worker,
         generator=generator,
     ), dataset

@@ -14,7 +14,8 @@ the worker falls back to a fresh block, as the default collate does.
 
 from __future__ import annotations
 
-from collections import deque
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +31,9 @@ MAX_SHAPES = 2  # batch shapes a worker keeps blocks for (the full batch and, e.
 _blocks: dict[tuple[int, ...], list[torch.Tensor]] = {}  # worker process: batch shape -> its blocks
 # main process: the blocks received last stay mapped, so a block's next batch arrives without a fresh mmap and its
 # page faults (torch maps a shared block once while some reference to it is alive)
-_mapped: deque[torch.Tensor] = deque(maxlen=8)
+_mapped: OrderedDict[int, torch.Tensor] = OrderedDict()  # data_ptr -> block, most recently received last
+MAPPED_MAX = 32  # e.g. 8 workers x 4 blocks; older ones (of workers long gone) are let go
+_mapped_lock = threading.Lock()  # loaders' pin-memory threads may receive concurrently
 
 
 class SharedBatch:
@@ -63,8 +66,11 @@ class _Lease:
 def receive(block: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Main process: the batch as a ``uint8`` tensor over ``block`` (no copy); the block goes back to its worker
     when that tensor and every view of it are gone."""
-    if not any(b.data_ptr() == block.data_ptr() for b in _mapped):
-        _mapped.append(block)
+    with _mapped_lock:
+        _mapped[block.data_ptr()] = block
+        _mapped.move_to_end(block.data_ptr())
+        while len(_mapped) > MAPPED_MAX:
+            _mapped.popitem(last=False)
     return torch.from_numpy(np.asarray(_Lease(block, shape)))
 
 

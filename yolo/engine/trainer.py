@@ -210,8 +210,9 @@ def _resume(cfg, save_dir):
     ckpt = load_checkpoint(ckpt_path)
     if not ckpt.config:
         raise CheckpointError(f"{ckpt_path}: checkpoint holds no training config, cannot resume")
+    device = cfg.device  # where to run is the caller's choice (under torchrun the process group is already on it)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt.config)
-    cfg.resume = str(ckpt_path)
+    cfg.resume, cfg.device = str(ckpt_path), device
     log.info(f"Resuming training from {ckpt_path} (epoch {ckpt.epoch + 1} of {cfg.epochs})")
     return cfg, ckpt, ckpt_path.parent.parent
 
