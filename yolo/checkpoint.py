@@ -65,6 +65,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from yolo.models.yolo import unwrap_model
+
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "yolo-hydra-checkpoint"
@@ -407,12 +409,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # writing
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
 def _half_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in sd.items()}
 
@@ -424,10 +420,10 @@ def _model_state(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, Mapping):
         return _half_state_dict(obj)
     if isinstance(obj, nn.Module):
-        return _half_state_dict(_unwrap(obj).state_dict())
+        return _half_state_dict(unwrap_model(obj).state_dict())
     inner = getattr(obj, "ema", None)
     if isinstance(inner, nn.Module):
-        return _half_state_dict(_unwrap(inner).state_dict())
+        return _half_state_dict(unwrap_model(inner).state_dict())
     raise TypeError(f"cannot take a state dict from {type(obj).__name__}")
 
 
@@ -490,7 +486,7 @@ def save_checkpoint(
     (and ``.updates``) or a state dict; ``optimizer`` an optimizer or its state dict; ``config`` a DictConfig or
     dict (stored as a plain dict)."""
     path = Path(path)
-    net = _unwrap(model)
+    net = unwrap_model(model)
     if updates is None and ema is not None and isinstance(getattr(ema, "updates", None), int):
         updates = ema.updates
     if optimizer is not None and not isinstance(optimizer, Mapping):

@@ -16,6 +16,8 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
+from yolo.models.yolo import unwrap_model
+
 __all__ = ["ModelEMA", "ema_decay", "copy_attr"]
 
 
@@ -38,10 +40,6 @@ def copy_attr(dst, src, include=(), exclude=()) -> None:
         setattr(dst, k, v)
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
-
-
 class ModelEMA:
     """Moving average of ``model``'s state.
 
@@ -53,7 +51,7 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
-        self.ema = deepcopy(_unwrap(model)).eval()
+        self.ema = deepcopy(unwrap_model(model)).eval()
         self.updates = updates
         self.decay_max = decay
         self.tau = tau
@@ -69,11 +67,11 @@ class ModelEMA:
         """Count one update and move the floating point parameters and buffers toward ``model``'s."""
         self.updates += 1
         d = self.decay()
-        msd = _unwrap(model).state_dict()
+        msd = unwrap_model(model).state_dict()
         for k, v in self.ema.state_dict().items():
             if v.dtype.is_floating_point:
                 v.mul_(d).add_(msd[k].detach().to(v.dtype), alpha=1 - d)
 
     def update_attr(self, model: nn.Module, include=(), exclude=("process_group", "reducer")) -> None:
         """Copy plain attributes (e.g. ``nc``, ``names``, ``hyp``, ``stride``) from ``model`` onto the EMA."""
-        copy_attr(self.ema, _unwrap(model), include, exclude)
+        copy_attr(self.ema, unwrap_model(model), include, exclude)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from yolo.boxes import bbox_iou
+from yolo.models.yolo import unwrap_model
 from yolo.targets import build_targets
 
 __all__ = ["ComputeLoss", "FocalLoss", "smooth_bce", "scale_loss_gains", "level_balance"]
@@ -80,11 +81,6 @@ class FocalLoss(nn.Module):
         return loss
 
 
-def _unwrap(model):
-    """The bare model behind DataParallel / DistributedDataParallel wrappers."""
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
-
-
 def _device_of(model, detect) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -110,7 +106,7 @@ class ComputeLoss:
     gr = 1.0  # objectness target = (1 - gr) + gr * iou
 
     def __init__(self, model, hyp: Mapping | None = None, autobalance: bool = False):
-        model = _unwrap(model)
+        model = unwrap_model(model)
         detect = model.detect
         h = dict(hyp if hyp is not None else model.hyp)
         device = _device_of(model, detect)

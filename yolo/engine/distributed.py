@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yolo.models.yolo import unwrap_model
+
 log = logging.getLogger("yolo")
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 validates alone while the others wait
@@ -202,10 +204,6 @@ def wrap_model(model: nn.Module, device: torch.device, info: DistInfo, sync_bn: 
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Wrap a forward/backward pass: with ``sync`` false a DDP model only accumulates its gradients locally; the
     next synchronised backward all-reduces the sum (same result, fewer all-reduces)."""
@@ -286,7 +284,7 @@ def shared_path(path: Path | None, info: DistInfo) -> Path | None:
 
 def weights_digest(model: nn.Module) -> dict[str, str]:
     """SHA-256 of the model's parameters and, separately, of its buffers (in name order, float32 bytes)."""
-    net = unwrap(model)
+    net = unwrap_model(model)
 
     def digest(items) -> str:
         h = hashlib.sha256()

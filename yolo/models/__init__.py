@@ -2,7 +2,7 @@
 
 from yolo.models.common import C3, SPPF, Bottleneck, Concat, Conv, autopad, fuse_conv_bn
 from yolo.models.summary import count_parameters, model_gflops, model_summary
-from yolo.models.yolo import Detect, DetectionModel, build_model, make_divisible, parse_model
+from yolo.models.yolo import Detect, DetectionModel, build_model, make_divisible, parse_model, unwrap_model
 
 __all__ = [
     "C3",
@@ -20,5 +20,6 @@ __all__ = [
     "model_gflops",
     "model_summary",
     "parse_model",
+    "unwrap_model",
 ]
 

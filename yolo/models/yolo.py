@@ -307,3 +307,8 @@ def check_anchor_order(m: Detect) -> None:
 def build_model(model_cfg: Any, nc: int | None = None, ch: int = 3) -> DetectionModel:
     """``DetectionModel`` from a dict / OmegaConf node / YAML path / zoo name, with an optional ``nc`` override."""
     return DetectionModel(model_cfg, ch=ch, nc=nc)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model behind a ``DataParallel`` / ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
