@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
-from test_evolve_parallel import REPO, check_ledger, load
+from test_evolve_parallel import REPO, check_ledger, load, wait_for
 
 from evolve import ledger
 
@@ -50,14 +50,7 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
 def wait_training(proc: subprocess.Popen, out: Path, number: int, timeout: float = 90) -> Path:
     """Wait until trial ``number``'s training has started (the trainer has written its hyp.yaml); its folder."""
     started = out / "generations" / f"trial{number:04d}" / "hyp.yaml"
-    t0 = time.time()
-    while not started.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended before trial {number} started:\n{proc.stdout.read()[-5000:]}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {started}")
-        time.sleep(0.02)
+    wait_for(started, proc, timeout)
     return started.parent
 
 
