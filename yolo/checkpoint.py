@@ -65,6 +65,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ FORMAT_NAME = "yolo-hydra-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint could not be read (missing, corrupt, unsupported or unsafe)."""
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from yolo.errors import UserError
+
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input (bad path, bad file, bad dataset): one line, no traceback."""
-    from yolo.checkpoint import CheckpointError
-    from yolo.data.config import DatasetError
-    from yolo.engine.distributed import DDPConfigError
-
-    return CheckpointError, DatasetError, DDPConfigError, FileNotFoundError
+    return UserError, FileNotFoundError
 
 
 @contextlib.contextmanager

@@ -37,10 +37,12 @@ from typing import Any
 
 import yaml
 
+from yolo.errors import UserError
+
 SHAPES_GENERATOR = "shapes"
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset the user pointed at cannot be used: missing, malformed, or inconsistent."""
 
 

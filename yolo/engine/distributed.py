@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
 
 log = logging.getLogger("yolo")
@@ -46,7 +47,7 @@ TRACE_ENV = "YOLO_DDP_TRACE"
 _owns_process_group = False  # True when this module created the default process group (and must destroy it)
 
 
-class DDPConfigError(ValueError):
+class DDPConfigError(UserError, ValueError):
     """A training option that distributed training cannot honour."""
 
 
