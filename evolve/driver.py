@@ -286,9 +286,10 @@ class PruningCallback:
     def __init__(self, trial: optuna.Trial):
         self.trial = trial
 
-    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+    def on_fit_epoch_end(self, trainer: Any) -> None:
         from yolo.engine.callbacks import StopTraining
 
+        epoch, metrics = trainer.epoch, trainer.metrics
         value = metrics.get("fitness")
         if value is None or not math.isfinite(float(value)):
             return

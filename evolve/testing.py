@@ -19,6 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from yolo.engine.trainer import TrainResults
@@ -73,7 +74,7 @@ def fake_train(cfg, callbacks=(), save_dir=None) -> TrainResults:
             res.epochs_completed = epoch + 1
             if tracker is not None:
                 tracker.log_metrics(metrics, step=epoch)
-            cbs.on_epoch_end(epoch, metrics)
+            cbs.fire("on_fit_epoch_end", SimpleNamespace(epoch=epoch, metrics=metrics))
     except StopTraining as e:
         res.stopped_early, res.pruned = True, e.pruned
     if tracker is not None:

@@ -1,15 +1,49 @@
-"""Hooks that let a caller observe a training run (evolution's pruner, tests, custom loggers)."""
+"""The trainer's events, and how callbacks listen to them (the shape of ultralytics' ``utils/callbacks``).
+
+The trainer fires named events and knows no integration: MLflow tracking, plots, evolution's pruning reports and
+the DDP trace are callbacks attached by whoever calls ``train(cfg, callbacks)``. A callback is any object with
+methods named after the events it wants (others are skipped); every hook takes the trainer, whose state it reads:
+
+======================  ====================================================================================
+event                   fired (on rank 0 only under DDP, except where said) / what the trainer then holds
+======================  ====================================================================================
+``on_train_start``      model, data, optimizer and loaders are built: ``save_dir``, ``epochs``,
+                        ``start_epoch``, ``nc``, ``names``, ``imgsz``, ``cfg``, ``resumed``
+``on_train_epoch_start`` an epoch begins (every process): ``epoch``
+``on_train_batch_end``  after each batch (every process): ``epoch``, ``batch_index``, ``batch``
+                        (images as the model saw them, targets, paths), ``batches_per_epoch``
+``on_train_epoch_end``  the batches of an epoch are done (every process): ``epoch``
+``on_fit_epoch_end``    validation, fitness and ``results.csv`` are done: ``epoch``, ``metrics`` (upstream's
+                        names, plus ``fitness``, ``best_fitness``), ``best_fitness``; may raise
+                        :class:`StopTraining`
+``on_model_save``       checkpoints were written: ``epoch``, ``saved`` (the paths written)
+``on_train_end``        the run is over (finished, stopped or failed): ``results`` (a ``TrainResults``),
+                        ``status`` (``FINISHED``, ``KILLED`` for a pruned run, ``FAILED``)
+======================  ====================================================================================
+
+A plain function is an ``on_fit_epoch_end`` listener called as ``fn(epoch, metrics)``.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 log = logging.getLogger("yolo")
 
+EVENTS = (
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_fit_epoch_end",
+    "on_model_save",
+    "on_train_end",
+)
+
 
 class StopTraining(Exception):
-    """Raised by a callback to end training cleanly after the current epoch (e.g. a pruned trial)."""
+    """Raised by an ``on_fit_epoch_end`` listener to end training cleanly after this epoch (a pruned trial)."""
 
     def __init__(self, reason: str = "stopped by callback", pruned: bool = False):
         super().__init__(reason)
@@ -17,37 +51,42 @@ class StopTraining(Exception):
 
 
 class Callback:
-    """Base class: override what you need. Every hook is optional."""
+    """Optional base class: override the events you need (see the table above)."""
 
-    def on_train_start(self, info: Mapping[str, Any]) -> None:  # save_dir, epochs, start_epoch, nc, ...
-        pass
+    def on_train_start(self, trainer: Any) -> None: ...
+    def on_train_epoch_start(self, trainer: Any) -> None: ...
+    def on_train_batch_end(self, trainer: Any) -> None: ...
+    def on_train_epoch_end(self, trainer: Any) -> None: ...
+    def on_fit_epoch_end(self, trainer: Any) -> None: ...
+    def on_model_save(self, trainer: Any) -> None: ...
+    def on_train_end(self, trainer: Any) -> None: ...
 
-    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """``metrics`` uses upstream's names (train/box_loss, metrics/mAP_0.5, ..., fitness)."""
 
-    def on_train_end(self, results: Any) -> None:
-        pass
+class _EpochFunction:
+    """Adapts ``fn(epoch, metrics)`` to the ``on_fit_epoch_end`` event."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        self.fn(trainer.epoch, trainer.metrics)
 
 
 class CallbackList:
-    """Dispatches to callbacks; a plain function is treated as an ``on_epoch_end`` hook."""
+    """Dispatches each event to the callbacks that listen to it, in the order they were given."""
 
     def __init__(self, callbacks: Iterable[Any] = ()):
-        self.callbacks = list(callbacks)
+        self.callbacks = [cb if any(hasattr(cb, e) for e in EVENTS) or not callable(cb) else _EpochFunction(cb)
+                          for cb in callbacks]
 
-    def _call(self, hook: str, *args) -> None:
+    def add(self, callback: Any) -> None:
+        self.callbacks.extend(CallbackList([callback]).callbacks)
+
+    def fire(self, event: str, trainer: Any) -> None:
+        """Call ``event`` on every listener; exceptions (``StopTraining`` included) propagate to the trainer."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown trainer event {event!r}; events: {', '.join(EVENTS)}")
         for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is None and callable(cb) and hook == "on_epoch_end":
-                fn = cb
-            if fn is not None:
-                fn(*args)
-
-    def on_train_start(self, info) -> None:
-        self._call("on_train_start", info)
-
-    def on_epoch_end(self, epoch, metrics) -> None:
-        self._call("on_epoch_end", epoch, metrics)  # StopTraining propagates to the trainer
-
-    def on_train_end(self, results) -> None:
-        self._call("on_train_end", results)
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                hook(trainer)

@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
@@ -344,8 +345,9 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
     csv_path = save_dir / "results.csv"
     if main:
         results_csv.truncate(csv_path, start_epoch)
-        callbacks.on_train_start({"save_dir": str(save_dir), "epochs": cfg.epochs, "start_epoch": start_epoch,
-                                  "nc": nc, "imgsz": imgsz})
+        callbacks.fire("on_train_start", SimpleNamespace(save_dir=save_dir, epochs=cfg.epochs, start_epoch=start_epoch,
+                                                         nc=nc, names=names, imgsz=imgsz, cfg=cfg,
+                                                         resumed=resume_ckpt is not None))
     trace = TrainTrace.from_env(info, dataset.im_files)
     if trace is not None:
         trace.weights("start", model)
@@ -448,7 +450,8 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
                     if cfg.save_period > 0 and epoch % cfg.save_period == 0:
                         save_checkpoint(wdir / f"epoch{epoch}.pt", **common)
                 try:
-                    callbacks.on_epoch_end(epoch, metrics)
+                    callbacks.fire("on_fit_epoch_end", SimpleNamespace(epoch=epoch, metrics=metrics,
+                                                                       best_fitness=best_fitness, save_dir=save_dir))
                 except StopTraining as e:
                     verdict = _Stop(str(e), e.pruned, by_callback=True)
                 if verdict is None and stop:
@@ -512,7 +515,7 @@ def _finish(cfg, results: TrainResults, tracking: _Tracking, callbacks: Callback
     results.mlflow_run_id = tracking.run_id
     log.info(f"Results saved to {save_dir}\n  weights: {last} and {best}\n  metrics: {csv_path}"
              + (f"\n  MLflow run: {tracking.run_id}" if tracking.run_id else ""))
-    callbacks.on_train_end(results)
+    callbacks.fire("on_train_end", SimpleNamespace(results=results, status="FINISHED", save_dir=save_dir))
 
 
 def _fill_results(results: TrainResults, val_res, best_fitness: float, last: Path, best: Path) -> None:
