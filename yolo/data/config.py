@@ -78,9 +78,7 @@ class DataConfig:
 
 def conf_dir() -> Path:
     """The repository's ``conf/`` folder (next to the ``yolo`` package)."""
-    import yolo
-
-    return Path(yolo.__file__).resolve().parents[1] / "conf"
+    return Path(__file__).resolve().parents[2] / "conf"
 
 
 def datasets_root(datasets_dir: str | Path | None = None) -> Path:

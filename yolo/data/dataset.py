@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from yolo.boxes import xywhn2xyxy, xyxy2xywhn
 from yolo.data.augment import (
@@ -205,8 +206,6 @@ class YoloDataset(Dataset):
         if kind == "ram" and not self._ram_cache_fits():
             return
         fn = self._cache_to_disk if kind == "disk" else self.load_image
-        from tqdm import tqdm
-
         with ThreadPool(max(1, min(workers, os.cpu_count() or 1))) as pool:
             bar = tqdm(pool.imap(fn, range(self.n)), total=self.n, desc=f"{self.prefix}Caching images")
             for i, x in enumerate(bar):

@@ -42,6 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from yolo.data.config import DatasetError
 from yolo.utils.files import atomic_write, remove_stale_temps
@@ -298,8 +299,6 @@ def dataset_hash(im_files: list[str], label_files: list[str], key: str = "") -> 
 def scan_dataset(img_files: list[str], nc: int, cache_path: str | Path | None = None, prefix: str = "",
                  workers: int = 8, single_cls: bool = False) -> LabelScan:
     """Verify every image/label pair (threads, progress bar) or reuse a matching cache; write the cache."""
-    from tqdm import tqdm
-
     img_files = [str(f) for f in img_files]
     label_files = img2label_paths(img_files)
     source = str(Path(label_files[0]).parent)
@@ -322,8 +321,6 @@ def scan_dataset(img_files: list[str], nc: int, cache_path: str | Path | None = 
 
 
 def _verify_all(img_files, label_files, nc, single_cls, prefix, workers, desc) -> list[ScanResult]:
-    from tqdm import tqdm
-
     args = [(i, lb, nc, single_cls, prefix) for i, lb in zip(img_files, label_files)]
     counts = {"labelled": 0, "missing": 0, "empty": 0, "corrupt": 0}
     results = []
