@@ -210,15 +210,34 @@ def test_hostile_label_cache_is_ignored_without_allocating(tmp_path):
 
 
 # ------------------------------------------------------------------ disk image cache
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_disk_cache_ignores_a_foreign_npy_beside_the_image(tmp_path):
     labelled_set(tmp_path, {"a": GOOD, "b": GOOD})
     images = tmp_path / "images"
     np.save(images / "a.npy", np.zeros((5, 5, 3), np.uint8))  # not this image: another size
+    stale = images / f".b.npy.{_dead_pid()}.0badc0de.tmp"  # what a killed writer left
+    stale.write_bytes(b"half a file")
     plain = YoloDataset(images, img_size=64, nc=80)
     cached = YoloDataset(images, img_size=64, nc=80, cache="disk")
     assert all(torch.equal(plain[i][0], cached[i][0]) for i in range(len(plain)))
     assert np.load(images / "a.npy").shape == (40, 48, 3)  # rewritten with the decoded image
     assert not list(images.glob(".*.tmp"))
+
+
+def test_stale_label_cache_temp_is_removed(tmp_path):
+    labelled_set(tmp_path, {"a": GOOD})
+    stale = tmp_path / f".labels.yolo-hydra.cache.{_dead_pid()}.0badc0de.tmp"
+    stale.write_bytes(b"half a cache")
+    YoloDataset(tmp_path / "images", img_size=64, nc=80)
+    assert (tmp_path / "labels.yolo-hydra.cache").is_file() and not stale.exists()
 
 
 # ------------------------------------------------------------------ what the user sees

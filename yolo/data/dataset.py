@@ -206,6 +206,9 @@ class YoloDataset(Dataset):
         if kind == "ram" and not self._ram_cache_fits():
             return
         fn = self._cache_to_disk if kind == "disk" else self.load_image
+        if kind == "disk":  # once per folder, not per image: what killed writers of .npy files left behind
+            for folder in {writable_cache_path(Path(f).with_suffix(".npy")).parent for f in self.im_files}:
+                remove_stale_temps(folder)
         with ThreadPool(max(1, min(workers, os.cpu_count() or 1))) as pool:
             bar = tqdm(pool.imap(fn, range(self.n)), total=self.n, desc=f"{self.prefix}Caching images")
             for i, x in enumerate(bar):
@@ -228,7 +231,6 @@ class YoloDataset(Dataset):
             im = cv2.imread(image)
             if im is None:
                 raise DatasetError(f"image not found or unreadable: {image}")
-            remove_stale_temps(npy.parent, npy.name)
             atomic_write(npy, lambda f: np.save(f, im, allow_pickle=False))
         return npy
 
