@@ -102,11 +102,14 @@ def test_val_image_is_rgb_of_letterboxed_bgr(toy):
 # ------------------------------------------------------------------ training samples
 def test_augmented_sample_is_valid(toy):
     d = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3)
+    boxes = 0
     for i in range(len(d)):
         img, labels, _, shapes = d[i]
         assert tuple(img.shape) == (3, 64, 64) and shapes is None  # mosaic
         assert labels.shape[1] == 6 and (labels[:, 2:] >= 0).all() and (labels[:, 2:] <= 1).all()
         assert set(labels[:, 1].tolist()) <= {0.0, 1.0, 2.0}
+        boxes += len(labels)
+    assert boxes >= len(d)  # the checks above saw boxes, not only empty label arrays
 
 
 def test_seeded_samples_are_reproducible(toy):
@@ -114,7 +117,7 @@ def test_seeded_samples_are_reproducible(toy):
     b = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3, seed=1)
     c = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3, seed=2)
     same = [torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in range(len(a))]
-    assert all(same)
+    assert all(same) and sum(len(a[i][1]) for i in range(len(a))) >= len(a)  # boxes compared, not empty arrays
     assert not all(torch.equal(a[i][0], c[i][0]) for i in range(len(a)))
     b.set_epoch(1)
     assert not all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))

@@ -222,12 +222,12 @@ def test_all_corrupt_is_one_clear_error(tmp_path):
         scan_dataset(list_image_files(tmp_path / "images"), 80, None)
 
 
-def test_label_cache_path_like_upstream(tmp_path):
+def test_label_cache_path_beside_upstreams_with_a_name_of_its_own(tmp_path):
     labels = [str(tmp_path / "labels" / "train" / "a.txt")]
-    assert label_cache_path(labels) == tmp_path / "labels" / "train.cache"
+    assert label_cache_path(labels) == tmp_path / "labels" / "train.yolo-hydra.cache"  # upstream: train.cache
     lst = tmp_path / "train.txt"
     lst.write_text("")
-    assert label_cache_path(labels, [lst]) == tmp_path / "train.cache"
+    assert label_cache_path(labels, [lst]) == tmp_path / "train.yolo-hydra.cache"
 
 
 @pytest.mark.skipif(not COCO128.is_dir(), reason="shared COCO128 not available")

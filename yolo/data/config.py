@@ -12,7 +12,8 @@ A data YAML looks like upstream's::
 
 Where relative things are looked up:
 
-* the datasets root is the ``datasets_dir`` argument, else ``$DATASETS_DIR``, else ``./datasets``;
+* the datasets root is the ``datasets_dir`` argument, else ``$DATASETS_DIR``, else ``./datasets`` (one log line
+  says so when neither is set; the config's default ``datasets_dir: datasets`` counts as not set);
 * a relative ``path`` is taken under the datasets root; when it is not there but exists relative to the YAML's
   own folder (or, for an in-memory mapping, the working directory) that one is used instead;
   a YAML without ``path`` uses its own folder;
@@ -20,26 +21,35 @@ Where relative things are looked up:
 
 ``download: shapes`` (no URL) asks :func:`ensure_dataset` to *generate* the embedded synthetic shapes dataset
 into ``path`` with :func:`yolo.data.shapes.generate_shapes` instead of downloading anything.
+A ``.zip`` URL (``http``, ``https`` or ``file``) is fetched and unpacked into the parent of ``path`` (as upstream
+does) only when that folder is under the datasets root; the archive is checked by :mod:`yolo.data.download`.
 Download scripts (upstream allows shell or Python snippets here) are never executed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
 import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from yolo.data import shapes
+from yolo.data.download import ALLOWED_SCHEMES, ArchiveError, download_and_unzip, url_scheme
 from yolo.errors import UserError
+from yolo.utils.redact import redact_url
+
+log = logging.getLogger("yolo")
 
 SHAPES_GENERATOR = "shapes"
+DEFAULT_DATASETS_DIR = "datasets"  # relative to the working directory; the config schema's default too
+_announced_roots: set[Path] = set()
 
 
 class DatasetError(UserError):
@@ -56,6 +66,7 @@ class DataConfig:
     nc: int
     download: str | None
     source: Path | None  # the YAML this came from (None for an in-memory mapping)
+    root: Path | None = None  # the datasets root: downloads unpack only under it
 
     def split(self, name: str) -> list[Path]:
         """The image sources of split ``name`` ('train', 'val' or 'test')."""
@@ -67,15 +78,23 @@ class DataConfig:
 
 def conf_dir() -> Path:
     """The repository's ``conf/`` folder (next to the ``yolo`` package)."""
-    import yolo
-
-    return Path(yolo.__file__).resolve().parents[1] / "conf"
+    return Path(__file__).resolve().parents[2] / "conf"
 
 
 def datasets_root(datasets_dir: str | Path | None = None) -> Path:
     """Argument, else ``$DATASETS_DIR``, else ``./datasets`` (not required to exist)."""
-    root = datasets_dir if datasets_dir not in (None, "") else os.environ.get("DATASETS_DIR") or "datasets"
+    root = datasets_dir if datasets_dir not in (None, "") else os.environ.get("DATASETS_DIR") or DEFAULT_DATASETS_DIR
     return Path(root).expanduser().resolve()
+
+
+def announce_default_root(datasets_dir: str | Path | None, root: Path) -> None:
+    """One log line per process and root when the user chose no datasets root: which folder is used, and how to
+    choose another. ``datasets_dir`` equal to the schema's default (``datasets``) counts as not chosen."""
+    chosen = datasets_dir not in (None, "") and str(datasets_dir) != DEFAULT_DATASETS_DIR
+    if chosen or os.environ.get("DATASETS_DIR") or root in _announced_roots:
+        return
+    _announced_roots.add(root)
+    log.info(f"Datasets root not set (neither datasets_dir= nor $DATASETS_DIR): using {root}")
 
 
 def load_data_config(data: str | Path | Mapping, datasets_dir: str | Path | None = None) -> DataConfig:
@@ -85,7 +104,9 @@ def load_data_config(data: str | Path | Mapping, datasets_dir: str | Path | None
     else:
         source = find_data_yaml(data)
         raw = _read_yaml(source)
-    return parse_data_config(raw, source, datasets_root(datasets_dir))
+    root = datasets_root(datasets_dir)
+    announce_default_root(datasets_dir, root)
+    return parse_data_config(raw, source, root)
 
 
 def find_data_yaml(data: str | Path) -> Path:
@@ -124,7 +145,7 @@ def parse_data_config(raw: Mapping, source: Path | None, root: Path) -> DataConf
     download = raw.get("download") or None
     return DataConfig(path=path, train=_split_paths(raw["train"], path), val=_split_paths(raw["val"], path),
                       test=test or None, names=names, nc=len(names),
-                      download=str(download).strip() if download else None, source=source)
+                      download=str(download).strip() if download else None, source=source, root=root)
 
 
 def parse_names(names: Any, nc: Any, where: Any) -> list[str]:
@@ -181,50 +202,35 @@ def ensure_dataset(cfg: DataConfig) -> DataConfig:
         raise DatasetError(f"dataset not found: {missing[0]} (data config {cfg.source or cfg.path} has no "
                            f"'download' to fetch it; set DATASETS_DIR or fix 'path')")
     if cfg.download == SHAPES_GENERATOR:
-        from yolo.data.shapes import generate_shapes
-
-        generate_shapes(cfg.path)
-    elif cfg.download.split("?")[0].endswith(".zip") and "://" in cfg.download:
-        try:
-            download_and_unzip(cfg.download, cfg.path.parent)
-        except (OSError, urllib.error.URLError, zipfile.BadZipFile, ValueError) as e:
-            raise DatasetError(f"dataset not found: {missing[0]}; downloading {cfg.download} failed ({e}). "
-                               f"Fetch and unzip it into {cfg.path.parent} by hand.") from e
+        shapes.generate_shapes(cfg.path)
     else:
-        raise DatasetError(f"dataset not found: {missing[0]}; its 'download' is not a .zip URL "
-                           f"(scripts are not run): {cfg.download[:80]!r}")
+        fetch_archive(cfg, missing[0])
     still = missing_paths(cfg)
     if still:
-        raise DatasetError(f"dataset still missing after fetching {cfg.download}: {still[0]}")
+        raise DatasetError(f"dataset still missing after fetching {redact_url(cfg.download)}: {still[0]}")
     return cfg
 
 
-def download_and_unzip(url: str, dest: Path) -> None:
-    """Download ``url`` (with a progress bar) into a temporary file and extract it into ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        archive = Path(tmp) / Path(url.split("?")[0]).name
-        _download(url, archive)
-        _safe_extract(archive, dest)
-
-
-def _download(url: str, target: Path) -> None:
-    from tqdm import tqdm
-
-    with urllib.request.urlopen(url, timeout=30) as r, open(target, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {url}") as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-
-
-def _safe_extract(archive: Path, dest: Path) -> None:
-    """Unzip, refusing members that would land outside ``dest``."""
-    dest = dest.resolve()
-    with zipfile.ZipFile(archive) as z:
-        members = [m for m in z.namelist() if not m.startswith("__MACOSX/")]
-        for member in members:
-            if not (dest / member).resolve().is_relative_to(dest):
-                raise ValueError(f"unsafe path in archive: {member}")
-        z.extractall(dest, members)
+def fetch_archive(cfg: DataConfig, missing: Path) -> None:
+    """Download ``cfg.download`` (a ``.zip`` URL) and unpack it into the parent of ``cfg.path``, which must lie
+    under the datasets root; every failure is one :class:`DatasetError` line."""
+    url, shown = cfg.download, redact_url(cfg.download)
+    if url_scheme(url) not in ALLOWED_SCHEMES or not urlsplit(url).path.lower().endswith(".zip"):
+        raise DatasetError(f"dataset not found: {missing}; its 'download' is not a .zip URL "
+                           f"({', '.join(ALLOWED_SCHEMES)}; scripts are not run): {shown[:80]!r}")
+    target = cfg.path.parent.resolve()
+    root = cfg.root.resolve() if cfg.root is not None else None
+    if root is None or not target.is_relative_to(root):
+        raise DatasetError(f"dataset not found: {missing}; not downloading {shown}: it would unpack into {target}, "
+                           f"outside the datasets root {root}. Download and unzip it by hand, or set DATASETS_DIR "
+                           f"(or datasets_dir=) to the folder that should hold {cfg.path.name}/")
+    try:
+        download_and_unzip(url, target)
+    except ArchiveError as e:
+        raise DatasetError(f"dataset not found: {missing}; refusing {shown}: {e}") from e
+    except (OSError, urllib.error.URLError, zipfile.BadZipFile, ValueError) as e:
+        unreachable = isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError)
+        hint = " (offline, or the server is unreachable?)" if unreachable else ""
+        reason = " ".join(str(e).split())
+        raise DatasetError(f"dataset not found: {missing}; downloading {shown} failed{hint}: {reason}. Fetch "
+                           f"and unzip it into {target} by hand.") from e

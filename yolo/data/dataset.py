@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from yolo.boxes import xywhn2xyxy, xyxy2xywhn
 from yolo.data.augment import (
@@ -39,6 +40,7 @@ from yolo.data.augment import (
 from yolo.data.config import DatasetError
 from yolo.data.labels import img2label_paths, label_cache_path, list_image_files, scan_dataset, writable_cache_path
 from yolo.data.transfer import stack_images
+from yolo.utils.files import atomic_write, remove_stale_temps
 
 log = logging.getLogger("yolo")
 
@@ -184,7 +186,7 @@ class YoloDataset(Dataset):
         if self.ims[i] is not None:
             return self.ims[i], self.im_hw0[i], self.im_hw[i]
         npy = self.npy_files[i]
-        im = np.load(npy) if npy is not None and npy.exists() else cv2.imread(self.im_files[i])
+        im = np.load(npy, allow_pickle=False) if npy is not None and npy.exists() else cv2.imread(self.im_files[i])
         if im is None:
             raise DatasetError(f"image not found or unreadable: {self.im_files[i]}")
         return self._resize(im)
@@ -204,8 +206,9 @@ class YoloDataset(Dataset):
         if kind == "ram" and not self._ram_cache_fits():
             return
         fn = self._cache_to_disk if kind == "disk" else self.load_image
-        from tqdm import tqdm
-
+        if kind == "disk":  # once per folder, not per image: what killed writers of .npy files left behind
+            for folder in {writable_cache_path(Path(f).with_suffix(".npy")).parent for f in self.im_files}:
+                remove_stale_temps(folder)
         with ThreadPool(max(1, min(workers, os.cpu_count() or 1))) as pool:
             bar = tqdm(pool.imap(fn, range(self.n)), total=self.n, desc=f"{self.prefix}Caching images")
             for i, x in enumerate(bar):
@@ -220,15 +223,15 @@ class YoloDataset(Dataset):
         log.info(f"{self.prefix}Cached {self.n} images: {self.cache_bytes / 2**20:.1f} MB ({kind})")
 
     def _cache_to_disk(self, i: int) -> Path:
-        npy = writable_cache_path(Path(self.im_files[i]).with_suffix(".npy"))
-        if not npy.exists():
-            im = cv2.imread(self.im_files[i])
+        """The decoded image as ``.npy`` beside it (upstream's name and content), written atomically. An existing
+        file is reused only when it is a plain ``uint8`` array of this image's size, newer than the image."""
+        image = self.im_files[i]
+        npy = writable_cache_path(Path(image).with_suffix(".npy"))
+        if not _npy_matches(npy, self.shapes[i], os.stat(image).st_mtime_ns):
+            im = cv2.imread(image)
             if im is None:
-                raise DatasetError(f"image not found or unreadable: {self.im_files[i]}")
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            tmp = npy.with_name(f".{npy.stem}.{os.getpid()}.{i}.npy")
-            np.save(tmp, im)
-            os.replace(tmp, npy)
+                raise DatasetError(f"image not found or unreadable: {image}")
+            atomic_write(npy, lambda f: np.save(f, im, allow_pickle=False))
         return npy
 
     def _ram_cache_fits(self) -> bool:
@@ -342,6 +345,25 @@ class YoloDataset(Dataset):
             lb[:, 0] = i
         images = stack_images(imgs) if reuse_blocks else default_collate(list(imgs))
         return images, torch.cat(labels, 0), paths, shapes
+
+
+def _npy_matches(npy: Path, size_wh, image_mtime_ns: int) -> bool:
+    """Whether ``npy`` holds a decoded image of ``size_wh`` (width, height; either orientation), written after the
+    image was last modified. Only the header is read."""
+    try:
+        if npy.stat().st_mtime_ns < image_mtime_ns:
+            return False
+        with open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version != (1, 0):
+                return False
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            nbytes = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        w, h = (int(x) for x in size_wh)
+        return (dtype == np.uint8 and len(shape) == 3 and shape[2] == 3 and sorted(shape[:2]) == sorted((h, w))
+                and npy.stat().st_size == nbytes)
+    except (OSError, ValueError):
+        return False
 
 
 def _available_memory() -> int | None:

@@ -62,7 +62,7 @@ def plot_labels(labels: Any, names: Any = None, save_path: str | Path = "labels.
     class, a sample of box outlines drawn centred (their sizes and shapes), a 2-D histogram of box centres and
     one of widths vs heights. Returns the saved path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred: matplotlib is heavy, only plots need it
     from matplotlib.figure import Figure
 
     labels = _to_numpy(labels).reshape(-1, 5).astype(np.float64)
