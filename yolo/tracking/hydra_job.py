@@ -2,7 +2,8 @@
 
 Read-only and never raising: outside a Hydra app (``train(cfg)`` from Python, tests) every answer is None or empty.
 The overrides that *vary* across a sweep are told apart from the ones every job shares by reading the sweep's own
-command-line overrides back from ``<sweep dir>/multirun.yaml`` (written by Hydra's sweeper before the first job).
+command-line overrides back from ``<sweep dir>/multirun.yaml`` (written by Hydra's sweeper before the first job) and
+parsing them with Hydra's override parser.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
@@ -76,14 +79,26 @@ def override_key(override: str) -> str:
     return key.lstrip("+~")
 
 
+def _parse(overrides: Sequence[str]) -> list[Override] | None:
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - text Hydra would not accept: no opinion on it
+        return None
+
+
 def swept_overrides(job_overrides: Sequence[str], sweep_overrides: Sequence[str] | None) -> list[str]:
     """The overrides of a job that vary across its sweep.
 
-    An override the job shares word for word with the sweep's command line (``epochs=1``) is the same in every job
-    and is dropped; one the sweep wrote as a choice (``hyp.lr0=0.001,0.01``) or did not write at all (a sweeper's
-    own ``params``) varies and is kept. Without the sweep's overrides (``None``) every job override is kept.
+    A key the sweep's command line sets to one value (``epochs=1``) is the same in every job and is dropped; one it
+    sweeps (``hyp.lr0=0.001,0.01``, ``range(...)``, ``glob(...)``) or does not set at all (a sweeper's own
+    ``params``) varies and is kept. Hydra writes a job's values in its own spelling (``true`` -> ``True``), so keys
+    are compared, not text. Without the sweep's overrides (``None``, or text Hydra cannot parse) every job
+    override is kept.
     """
-    if sweep_overrides is None:
-        return list(job_overrides)
-    shared = {override_key(o): o for o in sweep_overrides}
-    return [o for o in job_overrides if shared.get(override_key(o)) != o]
+    job = list(job_overrides)
+    parsed_sweep = _parse(sweep_overrides) if sweep_overrides is not None else None
+    parsed_job = _parse(job)
+    if parsed_sweep is None or parsed_job is None or len(parsed_job) != len(job):
+        return job
+    constant = {(o.key_or_group, o.package) for o in parsed_sweep if not o.is_sweep_override()}
+    return [text for text, o in zip(job, parsed_job) if (o.key_or_group, o.package) not in constant]
