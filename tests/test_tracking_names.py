@@ -126,6 +126,7 @@ def test_two_trainings_with_the_same_seed_have_distinct_descriptive_names(tiny_s
     names = [client.get_run(r.mlflow_run_id).info.run_name for r in results]
     folders = [Path(r.save_dir).name for r in results]
     assert folders[0] != folders[1]
+    assert names[0] != names[1], names
     assert names == [f"yolov5-d0.33-w0.25-tiny_shapes-{f}" for f in folders], names
 
 

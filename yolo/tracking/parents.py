@@ -55,7 +55,7 @@ def claim_parent(client: Any, exp_id: str, key: str, create: Callable[[], str]) 
     return winner
 
 
-def child_runs(client: Any, exp_id: str, parent_id: str) -> list[Any]:
+def list_children(client: Any, exp_id: str, parent_id: str) -> list[Any]:
     """Every run of experiment ``exp_id`` whose parent is ``parent_id`` (at most :data:`MAX_CHILDREN`)."""
     runs: list[Any] = []
     token = None

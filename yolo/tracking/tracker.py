@@ -39,8 +39,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from yolo.config import MlflowConfig
 from yolo.errors import ConfigError
-from yolo.tracking import parents
-from yolo.tracking.parents import PARENT_KEY_RAW_TAG, PARENT_KEY_TAG, PARENT_RUN_ID_TAG
+from yolo.tracking.parents import (
+    PARENT_KEY_RAW_TAG,
+    PARENT_KEY_TAG,
+    PARENT_RUN_ID_TAG,
+    list_children,
+    claim_parent,
+    find_parents,
+    parent_key,
+)
 from yolo.tracking.sanitize import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -441,12 +448,12 @@ class Tracker:
         if not self._connect():
             return None
         experiment = experiment or self.cfg.experiment
-        key = parents.parent_key(key_tag)
+        key = parent_key(key_tag)
         all_tags = {**dict(tags or {}), PARENT_KEY_TAG: key, PARENT_KEY_RAW_TAG: str(key_tag)}
         try:
             with self._guard("finding the parent run"), FileLock(self.default_dir / ".mlflow_parent.lock"):
                 exp_id = self._experiment_id(experiment)
-                run_id = parents.claim_parent(self._client, exp_id, key,
+                run_id = claim_parent(self._client, exp_id, key,
                                               lambda: self._create_parent(experiment, name, all_tags))
         except _Disabled:
             return None
@@ -461,7 +468,7 @@ class Tracker:
         try:
             with self._guard("finding the parent run"):
                 exp_id = self._experiment_id(experiment or self.cfg.experiment)
-                found = parents.find_parents(self._client, exp_id, parents.parent_key(key_tag))
+                found = find_parents(self._client, exp_id, parent_key(key_tag))
         except _Disabled:
             return None
         return found[0].info.run_id if found else None
@@ -473,7 +480,7 @@ class Tracker:
         try:
             with self._guard("listing child runs"):
                 exp_id = self._client.get_run(parent_id).info.experiment_id
-                return parents.child_runs(self._client, exp_id, parent_id)
+                return list_children(self._client, exp_id, parent_id)
         except _Disabled:
             return []
 
