@@ -197,7 +197,8 @@ def test_sweep_children_are_named_by_their_overrides_and_the_parent_by_the_best(
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.tags["best_overrides"] == best.info.run_name
     assert parent.data.metrics["best_fitness"] == pytest.approx(best.data.metrics["best_fitness"])
-    line = re.search(r"Sweep best: job (\d) \((hyp\.lr0=[0-9.]+)\) fitness ([0-9.]+), run (\w+)", out.stdout + out.stderr)
+    pattern = r"Sweep best: job (\d) \((hyp\.lr0=[0-9.]+)\) fitness ([0-9.]+), run (\w+)"
+    line = re.search(pattern, out.stdout + out.stderr)
     assert line, (out.stdout + out.stderr)[-3000:]
     assert line.group(1) == best.data.tags[SWEEP_JOB_TAG] and line.group(2) == best.info.run_name
     assert line.group(4) == best.info.run_id
