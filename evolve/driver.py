@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 from evolve import ledger, mutation, samplers
 from evolve.config import EvolveConfig
 from evolve.space import HYP_KEYS, build_space, csv_columns
+from yolo.tracking.names import generation_run_name
 
 log = logging.getLogger("yolo.evolve")
 
@@ -171,7 +172,7 @@ class _Setup:
         c.name = f"trial{number:04d}"
         c.mlflow.tracking_uri = self.tracking_uri
         c.mlflow.parent_run_id = parent_run_id
-        c.mlflow.run_name = f"{self.cfg.name}-gen{number}"
+        c.mlflow.run_name = generation_run_name(self.cfg.name, number)
         return OmegaConf.merge(OmegaConf.structured(TrainConfig), c)
 
 
@@ -180,9 +181,10 @@ def _tracking_location(cfg: DictConfig) -> tuple[str | None, Path]:
     root = Path(cfg.project).resolve()
     root = root.parent if root.name in ("train", "evolve") else root
     try:
-        from yolo.tracking import TrackingConfig, resolve_tracking_uri
+        from yolo.config import MlflowConfig
+        from yolo.tracking import resolve_tracking_uri
 
-        return resolve_tracking_uri(TrackingConfig(tracking_uri=cfg.mlflow.tracking_uri), root), root
+        return resolve_tracking_uri(MlflowConfig(tracking_uri=cfg.mlflow.tracking_uri), root), root
     except Exception:  # tracking unavailable: leave the choice to the trainer
         return cfg.mlflow.tracking_uri, root
 
@@ -194,7 +196,7 @@ def _data_name(setup: _Setup) -> Any:
 
 def _redact(where: str) -> str:
     try:
-        from yolo.tracking import _redact as redact
+        from yolo.utils.redact import redact_url as redact
 
         return redact(where)
     except Exception:
@@ -493,13 +495,14 @@ class _ParentRun:
         if not setup.cfg.mlflow.enabled:
             return
         try:
-            from yolo.tracking import Tracker, TrackingConfig, flatten_dict
+            from yolo.config import MlflowConfig
+            from yolo.tracking import Tracker, flatten_dict
         except Exception as e:
             log.warning(f"WARNING: evolve: MLflow tracking unavailable: {e}")
             return
         m = setup.cfg.mlflow
-        tcfg = TrackingConfig(enabled=True, tracking_uri=setup.tracking_uri, experiment=m.experiment,
-                              run_name=m.run_name or f"evolve-{setup.cfg.name}", timeout_s=m.timeout_s)
+        tcfg = MlflowConfig(enabled=True, tracking_uri=setup.tracking_uri, experiment=m.experiment,
+                            run_name=m.run_name or f"evolve-{setup.cfg.name}", timeout_s=m.timeout_s)
         params = flatten_dict({
             "evolve": {k: v for k, v in OmegaConf.to_container(setup.settings, resolve=True).items()
                        if k not in ("space", "out_dir", "storage", "devices", "sampler_kwargs")},
@@ -524,7 +527,7 @@ class _ParentRun:
             study.set_user_attr(PARENT_ATTR, run_id)
         else:
             self.logged = self._logged_steps()
-        log.info(f"evolve: MLflow parent run {run_id} ({tracker.tracking_uri})")
+        log.info(f"evolve: MLflow parent run {run_id} ({tracker.safe_uri})")
 
     def _logged_steps(self) -> int:
         try:

@@ -108,9 +108,10 @@ def _child_run(cfg, hyp):
         return None
     from omegaconf import OmegaConf
 
-    from yolo.tracking import Tracker, TrackingConfig
+    from yolo.config import MlflowConfig
+    from yolo.tracking import Tracker
 
-    tracker = Tracker(TrackingConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)),
+    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)),
                       default_dir=Path(cfg.project).resolve())
     tracker.start(params={"hyp": hyp, "epochs": cfg.epochs}, tags={"yolo.fake_train": "1"})
     return tracker

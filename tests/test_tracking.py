@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from yolo.config import MlflowConfig
 from yolo.tracking import (
     PARENT_RUN_ID_TAG,
     Tracker,
-    TrackingConfig,
     artifact_location_for,
     command_line,
     flatten_dict,
@@ -46,8 +46,8 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cfg(request) -> TrackingConfig:
-    return TrackingConfig(experiment=request.node.name)
+def cfg(request) -> MlflowConfig:
+    return MlflowConfig(experiment=request.node.name)
 
 
 def _free_port() -> int:
@@ -95,7 +95,7 @@ def test_git_commit_and_command_line(tmp_path):
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
-    cfg = TrackingConfig()
+    cfg = MlflowConfig()
     uri = resolve_tracking_uri(cfg, tmp_path / "runs")
     assert uri == "sqlite:///" + (tmp_path / "runs" / "mlflow.db").resolve().as_posix()
     assert artifact_location_for(uri) == (tmp_path / "runs" / "mlartifacts").resolve().as_uri()
@@ -164,7 +164,7 @@ def test_log_artifacts_dir_and_tags(tmp_path, store, cfg):
 def test_parent_and_children_from_separate_trackers(tmp_path, store):
     runs = store
     key = str(tmp_path / "multirun" / "2024-01-01")
-    trackers = [Tracker(TrackingConfig(experiment="sweep"), default_dir=runs) for _ in range(2)]
+    trackers = [Tracker(MlflowConfig(experiment="sweep"), default_dir=runs) for _ in range(2)]
     parents = [t.get_or_create_parent(None, "sweep-parent", key) for t in trackers]
     assert parents[0] is not None and parents[0] == parents[1]
     children = []
@@ -180,7 +180,7 @@ def test_parent_and_children_from_separate_trackers(tmp_path, store):
     assert sorted(r.info.run_id for r in found) == sorted(children)
 
     # parent id handed over through the config (how the evolution driver passes it on)
-    t3 = Tracker(TrackingConfig(experiment="sweep", parent_run_id=parents[0]), default_dir=runs)
+    t3 = Tracker(MlflowConfig(experiment="sweep", parent_run_id=parents[0]), default_dir=runs)
     c3 = t3.start({}, {})
     t3.end()
     assert client.get_run(c3).data.tags[PARENT_RUN_ID_TAG] == parents[0]
@@ -188,7 +188,7 @@ def test_parent_and_children_from_separate_trackers(tmp_path, store):
     trackers[0].finish_parent(parents[0])
     assert client.get_run(parents[0]).info.status == "FINISHED"
     # a finished parent is not reused: the same key now gets a fresh parent
-    new_parent = Tracker(TrackingConfig(experiment="sweep"), default_dir=runs).get_or_create_parent(None, "p", key)
+    new_parent = Tracker(MlflowConfig(experiment="sweep"), default_dir=runs).get_or_create_parent(None, "p", key)
     assert new_parent not in (None, parents[0])
 
 
@@ -211,9 +211,10 @@ def test_start_parent_nested(store, cfg):
 _WORKER = textwrap.dedent(
     """
     import sys
-    from yolo.tracking import Tracker, TrackingConfig
+    from yolo.config import MlflowConfig
+    from yolo.tracking import Tracker
     runs, key, job = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    t = Tracker(TrackingConfig(experiment="mp"), default_dir=runs)
+    t = Tracker(MlflowConfig(experiment="mp"), default_dir=runs)
     parent = t.get_or_create_parent(None, "parent", key)
     assert parent, "no parent"
     rid = t.start({"job": job, "hyp": {"lr0": 0.01 * job}}, {})
@@ -245,7 +246,7 @@ def test_multiprocess_sweep_shares_parent_and_sqlite(tmp_path):
     pairs = [o.split() for o, _ in outs]
     parents = {p for p, _ in pairs}
     assert len(parents) == 1
-    client = _client(resolve_tracking_uri(TrackingConfig(), runs))
+    client = _client(resolve_tracking_uri(MlflowConfig(), runs))
     parent = parents.pop()
     for _, rid in pairs:
         run = client.get_run(rid)
@@ -287,7 +288,7 @@ def test_context_manager_marks_failure(store, cfg):
 
 
 def test_disabled_config_does_nothing(tmp_path):
-    t = Tracker(TrackingConfig(enabled=False), default_dir=tmp_path)
+    t = Tracker(MlflowConfig(enabled=False), default_dir=tmp_path)
     assert t.start({"a": 1}, {}) is None and t.get_or_create_parent(None, "p", "k") is None
     t.log_metrics({"a": 1.0}, 0)
     t.log_artifact(tmp_path / "nothing")
@@ -300,7 +301,7 @@ def test_disabled_config_does_nothing(tmp_path):
 
 def test_unreachable_server_disables_quickly(tmp_path, caplog):
     uri = f"http://127.0.0.1:{_free_port()}"
-    t = Tracker(TrackingConfig(tracking_uri=uri, timeout_s=2.0), default_dir=tmp_path)
+    t = Tracker(MlflowConfig(tracking_uri=uri, timeout_s=2.0), default_dir=tmp_path)
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert t.start({"hyp": {"lr0": 0.01}}, {"task": "train"}) is None
@@ -323,7 +324,7 @@ def test_silent_server_times_out(tmp_path, caplog):
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)  # never accept(): the kernel completes handshakes, nobody replies
         uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
-        t = Tracker(TrackingConfig(tracking_uri=uri, timeout_s=1.0), default_dir=tmp_path)
+        t = Tracker(MlflowConfig(tracking_uri=uri, timeout_s=1.0), default_dir=tmp_path)
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING):
             assert t.start({}, {}) is None
@@ -335,7 +336,7 @@ def test_silent_server_times_out(tmp_path, caplog):
 
 
 def test_bad_uri_disables(tmp_path, caplog):
-    t = Tracker(TrackingConfig(tracking_uri="nosuchscheme://x/y"), default_dir=tmp_path)
+    t = Tracker(MlflowConfig(tracking_uri="nosuchscheme://x/y"), default_dir=tmp_path)
     with caplog.at_level(logging.WARNING):
         assert t.start({}, {}) is None
         t.log_metrics({"a": 1.0}, 0)
@@ -395,7 +396,7 @@ def test_end_to_end_http_server(tmp_path):
     try:
         _wait_health(uri, proc)
         (tmp_path / "best.pt").write_bytes(b"weights")
-        t = Tracker(TrackingConfig(tracking_uri=uri, experiment="http"), default_dir=tmp_path / "runs")
+        t = Tracker(MlflowConfig(tracking_uri=uri, experiment="http"), default_dir=tmp_path / "runs")
         parent = t.start_parent("sweep")
         run_id = t.start({"hyp": {"lr0": 0.01}}, {"task": "train"})
         assert run_id, (tmp_path / "server.log").read_text()[-2000:]

@@ -100,7 +100,7 @@ def check_config(cfg: Any, info: DistInfo) -> None:
 
 
 def _in_hydra_sweep() -> bool:
-    from yolo.sweep import sweep_dir
+    from yolo.tracking.hydra_job import sweep_dir
 
     return sweep_dir() is not None
 

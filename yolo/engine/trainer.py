@@ -136,24 +136,13 @@ class _Tracking:
         if not (enabled and cfg.mlflow.enabled):
             return
         try:
-            from yolo.sweep import parent_run_for_sweep
-            from yolo.tracking import (
-                Tracker,
-                TrackingConfig,
-                command_line,
-                flatten_dict,
-                git_commit,
-            )
+            from yolo.tracking import start_training_run
 
-            tcfg = TrackingConfig(**to_plain(cfg.mlflow))
-            if tcfg.parent_run_id is None and resume_run_id is None:
-                tcfg.parent_run_id = parent_run_for_sweep(cfg.mlflow, project_root(cfg))
-            self.tracker = Tracker(tcfg, default_dir=project_root(cfg))
-            tags = {"command": command_line(), "git_commit": git_commit() or "unknown",
-                    "save_dir": str(save_dir), "hydra_overrides": _hydra_overrides()}
-            self.tracker.start(params=flatten_dict(to_plain(cfg)), tags=tags, resume_run_id=resume_run_id)
+            self.tracker = start_training_run(cfg, save_dir, resume_run_id)
         except Exception as e:  # tracking must never kill a run
-            log.warning(f"WARNING: MLflow tracking disabled: {e}")
+            from yolo.utils.redact import redact_text
+
+            log.warning(redact_text(f"WARNING: MLflow tracking disabled: {e}"))
             self.tracker = None
 
     @property
@@ -168,20 +157,6 @@ class _Tracking:
                 except Exception as e:
                     log.warning(f"WARNING: MLflow {name} failed: {e}")
         return call
-
-
-def project_root(cfg) -> Path:
-    """Where the local MLflow store lives: the parent of ``project`` (``runs/`` for ``runs/train``)."""
-    return Path(cfg.project).resolve().parent
-
-
-def _hydra_overrides() -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return " ".join(HydraConfig.get().overrides.task)
-    except Exception:
-        return ""
 
 
 def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None) -> TrainResults:
