@@ -22,9 +22,9 @@ from yolo.checkpoint import (
     load_model,
     save_checkpoint,
     strip_optimizer,
-    transfer_weights,
 )
 from yolo.models import DetectionModel, build_model
+from yolo.models.transfer import transfer_weights
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
@@ -78,7 +78,7 @@ def test_upstream_names_match_our_model(upstream_ckpt):
 
 def test_full_transfer_and_log(upstream_ckpt, caplog):
     model = build_model("yolov5n")
-    with caplog.at_level("INFO", logger="yolo.checkpoint"):
+    with caplog.at_level("INFO", logger="yolo.models.transfer"):
         n, total = transfer_weights(model, upstream_ckpt.state_dict, source=WEIGHTS)
     assert (n, total) == (349, 349)
     assert f"Transferred 349/349 items from {WEIGHTS}" in caplog.text

@@ -19,6 +19,7 @@ from yolo.metrics import (
     match_predictions,
     smooth,
 )
+from yolo.plots import plot_ap_curves, plot_confusion_matrix
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO128 = SHARED / "datasets" / "coco128"
@@ -202,8 +203,6 @@ def test_reference_predictions_coco128():
 
 
 def test_plots_write_files(tmp_path):
-    from yolo.plots import plot_ap_curves
-
     rng = np.random.default_rng(0)
     n = 200
     res = ap_per_class(rng.random((n, 10)) < 0.5, rng.random(n), rng.integers(0, 3, n), rng.integers(0, 3, 60))
@@ -211,6 +210,6 @@ def test_plots_write_files(tmp_path):
     assert [p.name for p in paths] == ["PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"]
     cm = ConfusionMatrix(nc=3)
     cm.matrix = rng.integers(0, 9, (4, 4)).astype(float)
-    paths.append(cm.plot(tmp_path, names=["cat", "dog", "bird"], dpi=40))
+    paths.append(plot_confusion_matrix(cm.matrix, ["cat", "dog", "bird"], tmp_path / "confusion_matrix.png", dpi=40))
     for p in paths:
         assert p.exists() and p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"

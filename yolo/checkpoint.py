@@ -4,19 +4,18 @@ Upstream files
 --------------
 An upstream checkpoint is a torch zip archive whose pickle holds a dict (``epoch``, ``best_fitness``, ``model``,
 ``ema``, ``updates``, ``optimizer``, ...) in which ``model``/``ema`` are pickled ``models.yolo.Model`` objects.
-Unpickling those normally imports and runs upstream's code, and a pickle may name any callable at all. Here a
-restricted unpickler decides what every global in the pickle resolves to:
+:mod:`yolo.safe_pickle` reads it without running any of its code and with every allocation bounded by the file;
+the model objects arrive as inert placeholders. The weights are then read by walking the placeholders'
+``_modules``/``_parameters``/``_buffers`` into a float32 state dict with upstream's names (``model.0.conv.weight``,
+...), and ``yaml``, ``names`` and ``stride`` are read from the model object. As upstream's ``attempt_load`` does,
+the EMA model is preferred when the file has one. The stored architecture (``yaml``) is checked by
+:func:`yolo.models.stored.check_model_yaml`: a malformed one is a :class:`CheckpointError`.
 
-- torch's tensor/parameter rebuild functions, ``collections.OrderedDict``, a few builtin containers, torch dtypes,
-  ``torch.Size``/``torch.device``, numpy scalars and dtypes: the real objects (``_codecs.encode``, which
-  protocol-2 pickles use to spell bytes, only as a latin-1 encoder);
-- ``models.*`` (upstream's classes) and ``torch.nn.modules.*``: inert placeholder classes that only store the
-  pickled attributes (no ``__init__`` logic, no imports, no forward);
-- anything else: refused, with a :class:`CheckpointError` naming the file and the global.
-
-The weights are then read by walking the placeholders' ``_modules``/``_parameters``/``_buffers`` into a float32
-state dict with upstream's names (``model.0.conv.weight``, ...), and ``yaml``, ``names`` and ``stride`` are read
-from the model object. As upstream's ``attempt_load`` does, the EMA model is preferred when the file has one.
+Models from checkpoints
+-----------------------
+:func:`checked_model` builds the checkpoint's own architecture and loads its weights strictly (every tensor present,
+with its shape, finite); validation, resume and prediction use it. :func:`load_model` does the same from a path,
+or, given another architecture or number of classes, transfers what fits by name and shape (fine-tuning).
 
 Our format (``format: yolo-hydra-checkpoint``, ``version: 1``)
 ---------------------------------------------------------------
@@ -42,21 +41,17 @@ key                value
 ``extra``          a plain dict for anything else
 =================  =========================================================================================
 
-Files are written to a temporary file next to the target and moved into place with ``os.replace``, so a crash
-never leaves a half-written checkpoint under the final name.
+Files are written with :func:`yolo.utils.files.atomic_write` (a flushed temporary file renamed into place), so a
+crash never leaves a half-written checkpoint under the final name.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import datetime as _dt
 import enum
-import io
 import logging
 import os
-import pickle
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -65,17 +60,19 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from yolo.errors import UserError
-from yolo.models.yolo import unwrap_model
+from yolo.errors import CheckpointError
+from yolo.models.stored import check_model_yaml, expected_shapes
+from yolo.models.transfer import check_finite, fit_problem, load_state_strict, transfer_weights
+from yolo.models.yolo import DetectionModel, load_model_yaml, unwrap_model
+from yolo.safe_pickle import PickledObject, read_torch_file
+from yolo.utils.files import atomic_write
 
 LOGGER = logging.getLogger(__name__)
 
 FORMAT_NAME = "yolo-hydra-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(UserError):
-    """A checkpoint could not be read (missing, corrupt, unsupported or unsafe)."""
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "checked_model", "load_checkpoint",
+           "load_model", "save_checkpoint", "strip_optimizer"]
 
 
 @dataclass
@@ -101,185 +98,58 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# restricted unpickling
-
-
-class PickledObject:
-    """Inert stand-in for a class in an upstream pickle: it stores the pickled attributes and does nothing else."""
-
-    _pickled_class: str = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # only reached through REDUCE; keep the arguments
-        self._pickled_args = args
-        self._pickled_kwargs = kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_pickled_state"] = state
-
-    def __repr__(self) -> str:
-        return f"<pickled {self._pickled_class}>"
-
-
-_PLACEHOLDERS: dict[str, type] = {}
-
-
-def _placeholder(module: str, name: str) -> type:
-    key = f"{module}.{name}"
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = type(name, (PickledObject,), {"_pickled_class": key, "__module__": __name__})
-    return _PLACEHOLDERS[key]
-
-
-def _torch_dtype(name: str) -> Any:
-    value = getattr(torch, name, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    if not isinstance(text, str) or encoding.replace("-", "").lower() not in {"latin1", "iso88591"}:
-        raise pickle.UnpicklingError("unexpected _codecs.encode call in the pickle")
-    return text.encode("latin1")
-
-
-def _allowed_global(module: str, name: str) -> Any:
-    """The object a pickle global resolves to, or ``None`` when it is not allowed."""
-    if module == "__builtin__":  # protocol-2 pickles spell builtins the Python 2 way
-        module = "builtins"
-    if module == "collections" and name == "OrderedDict":
-        return collections.OrderedDict
-    if module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple", "bytearray"}:
-        return {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple,
-                "bytearray": bytearray}[name]
-    if module == "_codecs" and name == "encode":  # how protocol-2 pickles spell bytes (e.g. in numpy scalars)
-        return _latin1_encode
-    if module == "torch._utils" and name in {
-        "_rebuild_tensor",
-        "_rebuild_tensor_v2",
-        "_rebuild_parameter",
-        "_rebuild_parameter_with_state",
-    }:
-        return getattr(torch._utils, name)
-    if module == "torch":
-        if name in {"Size", "device"}:
-            return getattr(torch, name)
-        return _torch_dtype(name)
-    if module in {"numpy.core.multiarray", "numpy._core.multiarray"} and name == "scalar":
-        import numpy as np
-
-        return np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    if module == "numpy" and name == "dtype":
-        import numpy as np
-
-        return np.dtype
-    if module == "numpy.dtypes" and name.endswith("DType"):
-        import numpy.dtypes
-
-        value = getattr(numpy.dtypes, name, None)
-        return value if isinstance(value, type) else None
-    if name.isidentifier() and (
-        module == "models" or module.startswith("models.") or module.startswith("torch.nn.modules.")
-    ):
-        return _placeholder(module, name)
-    return None
-
-
-class ForbiddenGlobal(pickle.UnpicklingError):
-    def __init__(self, module: str, name: str):
-        super().__init__(f"forbidden global '{module}.{name}' in the pickle")
-        self.global_name = f"{module}.{name}"
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves globals through an allowlist (see the module docstring)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _allowed_global(module, name)
-        if obj is None:
-            raise ForbiddenGlobal(module, name)
-        return obj
-
-
-def _restricted_load(file: Any, **kwargs: Any) -> Any:
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-def _restricted_loads(data: bytes, **kwargs: Any) -> Any:
-    return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
-
-
-# A module-like object for torch.load(pickle_module=...): torch subclasses ``Unpickler`` (its own find_class then
-# calls ours through super()) and uses ``load`` for the few plain records of the legacy format.
-restricted_pickle = types.ModuleType("yolo_restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler
-restricted_pickle.load = _restricted_load
-restricted_pickle.loads = _restricted_loads
-restricted_pickle.UnpicklingError = pickle.UnpicklingError
-restricted_pickle.__version__ = "1"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _read_pickle(path: Path) -> Any:
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    try:
-        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
-    except ForbiddenGlobal as e:
-        raise CheckpointError(
-            f"{path}: refusing to load: {e} (only tensors, containers and model classes are allowed)"
-        ) from None
-    except CheckpointError:
-        raise
-    except Exception as e:  # zip/pickle/EOF/OS errors all mean the same thing to the caller
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-        if head.startswith(b"PK"):
-            what = "truncated or corrupt checkpoint archive"
-        elif head[:1] == b"\x80":
-            what = "truncated or corrupt pickle"
-        else:
-            what = "not a PyTorch checkpoint"
-        raise CheckpointError(f"{path}: {what} ({_first_line(e)})") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # reading
 
 
-def _float_tensor(t: torch.Tensor) -> torch.Tensor:
+class _Malformed(ValueError):
+    """Something inside a checkpoint is not what its format says (the caller names the file)."""
+
+
+def _float_tensor(t: Any, name: str = "?") -> torch.Tensor:
+    """A stored weight as a dense tensor of its own (floats as float32); a view that would be materialised
+    beyond its storage (stride 0 or overlapping) is refused."""
+    if not isinstance(t, torch.Tensor):
+        raise _Malformed(f"'{name}' is a {type(t).__name__}, not a tensor")
     t = t.detach()
+    if t.numel() > 1 and t.numel() * t.element_size() > t.untyped_storage().nbytes():
+        raise _Malformed(f"'{name}' is a stride-0 or overlapping view of {list(t.shape)} over a smaller storage "
+                         f"(a corrupt or hostile file)")
     t = t.float() if t.is_floating_point() else t.clone()
     return t.contiguous()
 
 
-def _placeholder_state_dict(obj: Any, prefix: str = "", out: dict | None = None) -> dict[str, torch.Tensor]:
+def _float_state_dict(sd: Any, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+        raise _Malformed(f"'{what}' is not a dict of named tensors")
+    return {k: _float_tensor(v, k) for k, v in sd.items()}
+
+
+def _placeholder_state_dict(obj: Any, prefix: str = "", out: dict | None = None,
+                            seen: set[int] | None = None) -> dict[str, torch.Tensor]:
     """Walk an unpickled module tree (placeholders) and collect parameters and persistent buffers by name."""
-    out = {} if out is None else out
+    out, seen = ({} if out is None else out), (set() if seen is None else seen)
+    where = prefix.rstrip(".") or "<root>"
     if not isinstance(obj, PickledObject):
-        raise CheckpointError(f"expected a pickled module at '{prefix.rstrip('.') or '<root>'}', got {type(obj)}")
+        raise _Malformed(f"expected a pickled module at '{where}', got {type(obj).__name__}")
+    if id(obj) in seen:
+        raise _Malformed(f"module '{where}' appears twice in the model tree")
+    seen.add(id(obj))
     d = obj.__dict__
-    for name, t in (d.get("_parameters") or {}).items():
-        if t is not None:
-            out[prefix + name] = _float_tensor(t)
+    parts = [d.get(k) or {} for k in ("_parameters", "_buffers", "_modules")]
     skip = d.get("_non_persistent_buffers_set") or set()
-    for name, t in (d.get("_buffers") or {}).items():
+    if not all(isinstance(x, Mapping) and all(isinstance(k, str) for k in x) for x in parts) \
+            or not isinstance(skip, (set, frozenset)):
+        raise _Malformed(f"module '{where}' has malformed parameters, buffers or submodules")
+    params, buffers, modules = parts
+    for name, t in params.items():
+        if t is not None:
+            out[prefix + name] = _float_tensor(t, prefix + name)
+    for name, t in buffers.items():
         if t is not None and name not in skip:
-            out[prefix + name] = _float_tensor(t)
-    for name, child in (d.get("_modules") or {}).items():
+            out[prefix + name] = _float_tensor(t, prefix + name)
+    for name, child in modules.items():
         if child is not None:
-            _placeholder_state_dict(child, f"{prefix}{name}.", out)
+            _placeholder_state_dict(child, f"{prefix}{name}.", out, seen)
     return out
 
 
@@ -317,21 +187,28 @@ def _names_list(names: Any, nc: int) -> list[str]:
     return [str(i) for i in range(nc)]
 
 
+def _stride_list(stride: Any) -> list[float]:
+    stride = stride.tolist() if isinstance(stride, torch.Tensor) and stride.numel() <= 16 else stride
+    if not (isinstance(stride, (list, tuple)) and len(stride) <= 16 and all(isinstance(x, (int, float)) for x in stride)):
+        raise _Malformed("'stride' is not a short list of numbers")
+    return [float(x) for x in stride]
+
+
+def _optional(value: Any, kind: type, key: str) -> Any:
+    if value is not None and not isinstance(value, kind):
+        raise _Malformed(f"'{key}' is a {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
 def _from_upstream(ckpt: Mapping, path: Path) -> Checkpoint:
     model_obj = ckpt.get("ema") or ckpt.get("model")
     if not isinstance(model_obj, PickledObject):
-        raise CheckpointError(f"{path}: no model object in the checkpoint (keys: {sorted(ckpt)})")
+        raise _Malformed(f"no model object in the checkpoint (keys: {sorted(map(str, ckpt))})")
     attrs = model_obj.__dict__
-    model_yaml = attrs.get("yaml")
-    if not isinstance(model_yaml, dict):
-        raise CheckpointError(f"{path}: the pickled model has no architecture dict ('yaml')")
-    model_yaml = _plain(copy.deepcopy(model_yaml))
-    try:
-        state_dict = _placeholder_state_dict(model_obj)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    stride = attrs.get("stride")
-    stride = [float(s) for s in stride.tolist()] if isinstance(stride, torch.Tensor) else list(stride or [])
+    if not isinstance(attrs.get("yaml"), Mapping):
+        raise _Malformed("the pickled model has no architecture dict ('yaml')")
+    model_yaml = check_model_yaml(_plain(attrs["yaml"]), path, complete=False)
+    state_dict = _placeholder_state_dict(model_obj)
     ema_sd = None
     extra: dict[str, Any] = {}
     if isinstance(ckpt.get("ema"), PickledObject):
@@ -344,16 +221,14 @@ def _from_upstream(ckpt: Mapping, path: Path) -> Checkpoint:
     consumed = {"model", "ema", "epoch", "best_fitness", "optimizer", "updates", "opt"}
     for k, v in ckpt.items():
         if k not in consumed and not isinstance(v, PickledObject):
-            extra[k] = _plain(v)
-    best = ckpt.get("best_fitness")
-    opt = ckpt.get("opt")
-    updates = ckpt.get("updates")
+            extra[str(k)] = _plain(v)
+    best, opt, updates, epoch = (ckpt.get(k) for k in ("best_fitness", "opt", "updates", "epoch"))
     return Checkpoint(
         state_dict=state_dict,
         model_yaml=model_yaml,
-        names=_names_list(attrs.get("names"), int(model_yaml.get("nc", 0))),
-        stride=stride,
-        epoch=int(ckpt.get("epoch", -1) if ckpt.get("epoch") is not None else -1),
+        names=_names_list(attrs.get("names"), model_yaml["nc"]),
+        stride=_stride_list(attrs.get("stride") if attrs.get("stride") is not None else []),
+        epoch=-1 if epoch is None else int(epoch),
         best_fitness=None if best is None else float(best),
         optimizer=ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else None,
         ema_state_dict=ema_sd,
@@ -367,42 +242,48 @@ def _from_upstream(ckpt: Mapping, path: Path) -> Checkpoint:
 def _from_native(ckpt: Mapping, path: Path) -> Checkpoint:
     version = ckpt.get("version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported {FORMAT_NAME} version {version!r} (this code reads {FORMAT_VERSION})")
-    try:
-        def floats(sd: Mapping | None) -> dict | None:
-            return None if sd is None else {k: _float_tensor(v) for k, v in sd.items()}
-
-        extra = dict(ckpt.get("extra") or {})
-        if ckpt.get("date") is not None:
-            extra.setdefault("date", ckpt["date"])
-        return Checkpoint(
-            state_dict=floats(ckpt["state_dict"]),
-            model_yaml=dict(ckpt["model_yaml"]),
-            names=[str(n) for n in ckpt["names"]],
-            stride=[float(s) for s in ckpt["stride"]],
-            epoch=int(ckpt.get("epoch", -1)),
-            best_fitness=None if ckpt.get("best_fitness") is None else float(ckpt["best_fitness"]),
-            optimizer=ckpt.get("optimizer"),
-            ema_state_dict=floats(ckpt.get("ema_state_dict")),
-            updates=None if ckpt.get("updates") is None else int(ckpt["updates"]),
-            config=ckpt.get("config"),
-            source="native",
-            extra=extra,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: malformed {FORMAT_NAME} file ({_first_line(e)})") from None
+        raise _Malformed(f"unsupported {FORMAT_NAME} version {version!r} (this code reads {FORMAT_VERSION})")
+    missing = [k for k in ("state_dict", "model_yaml", "names", "stride") if k not in ckpt]
+    if missing:
+        raise _Malformed(f"malformed {FORMAT_NAME} file (missing {', '.join(missing)})")
+    extra = dict(_optional(ckpt.get("extra"), Mapping, "extra") or {})
+    if ckpt.get("date") is not None:
+        extra.setdefault("date", ckpt["date"])
+    ema = ckpt.get("ema_state_dict")
+    names = _optional(ckpt["names"], (list, tuple), "names")
+    return Checkpoint(
+        state_dict=_float_state_dict(ckpt["state_dict"], "state_dict"),
+        model_yaml=check_model_yaml(ckpt["model_yaml"], path, complete=False),
+        names=[str(n) for n in names],
+        stride=_stride_list(ckpt["stride"]),
+        epoch=int(ckpt.get("epoch", -1)),
+        best_fitness=None if ckpt.get("best_fitness") is None else float(ckpt["best_fitness"]),
+        optimizer=_optional(ckpt.get("optimizer"), Mapping, "optimizer"),
+        ema_state_dict=None if ema is None else _float_state_dict(ema, "ema_state_dict"),
+        updates=None if ckpt.get("updates") is None else int(ckpt["updates"]),
+        config=_optional(ckpt.get("config"), Mapping, "config"),
+        source="native",
+        extra=extra,
+    )
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read an upstream YOLOv5 ``.pt`` or one of ours (detected by content). Raises :class:`CheckpointError`."""
+    """Read an upstream YOLOv5 ``.pt`` or one of ours (detected by content). Raises :class:`CheckpointError`
+    (one line naming ``path``) for a missing, corrupt, hostile or malformed file."""
     path = Path(path)
-    obj = _read_pickle(path)
-    if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
-        return _from_native(obj, path)
-    if isinstance(obj, Mapping) and ("model" in obj or "ema" in obj):
-        return _from_upstream(obj, path)
-    if isinstance(obj, PickledObject):  # a bare pickled model (torch.save(model))
-        return _from_upstream({"model": obj}, path)
+    obj = read_torch_file(path)
+    try:
+        if isinstance(obj, Mapping) and obj.get("format") == FORMAT_NAME:
+            return _from_native(obj, path)
+        if isinstance(obj, Mapping) and ("model" in obj or "ema" in obj):
+            return _from_upstream(obj, path)
+        if isinstance(obj, PickledObject):  # a bare pickled model (torch.save(model))
+            return _from_upstream({"model": obj}, path)
+    except (_Malformed, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        what = str(e) if isinstance(e, _Malformed) else f"malformed checkpoint ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{path}: {what.strip().splitlines()[0] if what.strip() else what}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: malformed checkpoint (the model tree nests too deeply)") from None
     raise CheckpointError(f"{path}: not a YOLOv5 checkpoint (top level is {type(obj).__name__})")
 
 
@@ -430,13 +311,7 @@ def _model_state(obj: Any) -> dict[str, torch.Tensor] | None:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _native_dict(
@@ -541,29 +416,44 @@ def strip_optimizer(path: str | os.PathLike, out: str | os.PathLike | None = Non
     return target
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# transfer into a model
+# models from checkpoints
 
 
-def transfer_weights(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    exclude: Iterable[str] = (),
-    source: str | os.PathLike | None = None,
-) -> tuple[int, int]:
-    """Copy every tensor of ``state_dict`` whose name and shape match the model's (names containing any of the
-    ``exclude`` substrings are skipped). Returns ``(transferred, total items in the model's state dict)``."""
-    exclude = tuple(exclude)
-    own = model.state_dict()
-    matched = {
-        k: v
-        for k, v in state_dict.items()
-        if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)
-    }
-    model.load_state_dict(matched, strict=False)
-    n, total = len(matched), len(own)
-    LOGGER.info(f"Transferred {n}/{total} items from {source if source is not None else 'state dict'}")
-    return n, total
+def checked_model(
+    ckpt: Checkpoint,
+    path: str | os.PathLike,
+    *,
+    model_cfg: Any = None,
+    nc: int | None = None,
+    fuse: bool = False,
+) -> DetectionModel:
+    """The model ``ckpt`` describes, with its weights loaded strictly: float32, in eval mode.
+
+    The architecture is the checkpoint's own unless ``model_cfg`` (dict / DictConfig / path / zoo name) is given;
+    ``nc`` overrides its number of classes. Before anything is allocated, the tensor names and shapes the
+    architecture implies are compared with the stored ones: a missing, unexpected or mis-shaped tensor, or a
+    NaN/inf weight, is one :class:`CheckpointError` naming ``path`` (with a few names and the counts).
+    """
+    arch = check_model_yaml(ckpt.model_yaml, path) if model_cfg is None else load_model_yaml(model_cfg)[0]
+    problem = fit_problem(expected_shapes(arch, path, nc=nc), ckpt.state_dict)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    check_finite(ckpt.state_dict, path)
+    model = DetectionModel(copy.deepcopy(arch), nc=nc)
+    load_state_strict(model, ckpt.state_dict, path)
+    _adopt_names(model, ckpt, from_checkpoint=model_cfg is None)
+    model = model.float().eval()
+    return model.fuse() if fuse else model
+
+
+def _adopt_names(model: DetectionModel, ckpt: Checkpoint, from_checkpoint: bool) -> None:
+    if model.nc == len(ckpt.names):
+        model.names = list(ckpt.names)
+    if from_checkpoint and isinstance(ckpt.extra.get("yaml_file"), str):
+        model.yaml_file = ckpt.extra["yaml_file"]
 
 
 def load_model(
@@ -575,26 +465,18 @@ def load_model(
 ):
     """Build a model and fill it from ``weights``. Returns ``(model, checkpoint)``, the model float32 in eval mode.
 
-    The architecture is ``model_cfg`` when given (dict / DictConfig / path / zoo name), else the checkpoint's own.
-    ``nc`` overrides the number of classes (the checkpoint's, or ``model_cfg``'s); class names are taken from the
-    checkpoint when the numbers of classes agree. ``exclude`` defaults, as upstream's training does, to
-    ``('anchor',)`` when ``model_cfg`` is given (the config's anchors win) and to nothing otherwise.
+    With neither ``model_cfg`` nor a different ``nc`` this is :func:`checked_model` (strict). Otherwise the
+    weights go into that architecture by name and shape, as fine-tuning does (``exclude`` defaults, as upstream's
+    training does, to ``('anchor',)`` when ``model_cfg`` is given, so the config's anchors win); nothing
+    transferring at all is an error. Class names are taken from the checkpoint when the numbers of classes agree.
     """
-    from yolo.models.yolo import DetectionModel
-
     ckpt = load_checkpoint(weights)
-    if model_cfg is not None:
-        model = DetectionModel(model_cfg, nc=nc)
-    else:
-        model = DetectionModel(copy.deepcopy(ckpt.model_yaml), nc=nc)
+    if model_cfg is None and (nc is None or nc == ckpt.nc):
+        return checked_model(ckpt, weights, fuse=fuse), ckpt
+    model = DetectionModel(model_cfg if model_cfg is not None else copy.deepcopy(ckpt.model_yaml), nc=nc)
     if exclude is None:
         exclude = ("anchor",) if model_cfg is not None else ()
     transfer_weights(model, ckpt.state_dict, exclude=exclude, source=weights)
-    if model.nc == len(ckpt.names):
-        model.names = list(ckpt.names)
-    if model_cfg is None and isinstance(ckpt.extra.get("yaml_file"), str):
-        model.yaml_file = ckpt.extra["yaml_file"]
+    _adopt_names(model, ckpt, from_checkpoint=model_cfg is None)
     model = model.float().eval()
-    if fuse:
-        model.fuse()
-    return model, ckpt
+    return (model.fuse() if fuse else model), ckpt

@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting is invalid: the message starts with the key (``epochs: must be >= 1, got 0``)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be used (missing, corrupt, unsupported, unsafe, or not fitting its model)."""

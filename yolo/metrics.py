@@ -6,11 +6,12 @@ All figures follow YOLOv5 v7.0 numerically:
   (:func:`match_predictions`);
 * AP is the 101-point interpolated area under the precision envelope (:func:`compute_ap`);
 * P and R are read at the confidence that maximises the (smoothed) mean F1 over classes (:func:`ap_per_class`).
+
+This module returns numbers only; :mod:`yolo.plots` draws them (the validator calls it).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -149,7 +150,7 @@ class APResult(NamedTuple):
     conf_index: int  # index into ``px`` of the chosen confidence
 
 
-def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16, *, save_dir=None, names=(), prefix=""):
+def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
     """AP per class and P/R/F1 at the confidence of the best smoothed mean F1.
 
     Args:
@@ -157,8 +158,6 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16, *, save_dir=None, na
         conf: ``(n,)`` prediction confidences.
         pred_cls: ``(n,)`` predicted classes.
         target_cls: ``(m,)`` classes of all labels.
-        save_dir: when given, the PR, F1, P and R curves are written there (``{prefix}PR_curve.png`` etc.,
-            see :func:`yolo.plots.plot_ap_curves`) with ``names`` (all classes, dict or sequence) in the legends.
 
     Only classes present in ``target_cls`` are scored; one without predictions gets zeros.
     """
@@ -193,12 +192,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16, *, save_dir=None, na
     p, r, f1 = p_curve[:, i], r_curve[:, i], f1_curve[:, i]
     tp_at = (r * nt).round()
     fp_at = (tp_at / (p + eps) - tp_at).round()
-    result = APResult(tp_at, fp_at, p, r, f1, ap, classes.astype(int), px, p_curve, r_curve, f1_curve, pr_curve, i)
-    if save_dir is not None:
-        from yolo.plots import plot_ap_curves  # plotting stays optional for metric users
-
-        plot_ap_curves(result, save_dir, names, prefix)
-    return result
+    return APResult(tp_at, fp_at, p, r, f1, ap, classes.astype(int), px, p_curve, r_curve, f1_curve, pr_curve, i)
 
 
 class ConfusionMatrix:
@@ -255,12 +249,6 @@ class ConfusionMatrix:
         tp = self.matrix.diagonal()
         fp = self.matrix.sum(1) - tp
         return tp[:-1], fp[:-1]
-
-    def plot(self, save_dir=".", names=(), normalize=True, dpi=250):
-        """Write ``save_dir/confusion_matrix.png`` (see :func:`yolo.plots.plot_confusion_matrix`)."""
-        from yolo.plots import plot_confusion_matrix
-
-        return plot_confusion_matrix(self.matrix, names, Path(save_dir) / "confusion_matrix.png", normalize, dpi)
 
 
 class DetectionMetrics:

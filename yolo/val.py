@@ -13,15 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import hydra
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from yolo.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
+from yolo.checkpoint import checked_model, load_checkpoint
+from yolo.cli import exit_on_user_error, rewrite_data_override
+from yolo.config import data_source  # also registers the config schema that the entry composes
+from yolo.data.config import DatasetError, ensure_dataset, load_data_config
+from yolo.data.loader import create_dataloader
 from yolo.device import select_device, sync_time
 from yolo.engine.setup import check_img_size, hydra_output_dir
+from yolo.errors import ConfigError
 from yolo.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from yolo.nms import non_max_suppression
+from yolo.plots import plot_ap_curves, plot_confusion_matrix
 
 log = logging.getLogger("yolo")
 
@@ -191,7 +200,9 @@ def _summarise(stats, names, nc, seen, loss, dt, confusion, save_dir, verbose) -
     mp = mr = map50 = mean_ap = 0.0
     rows: list[str] = []
     if len(tp) and tp.any():
-        ap = ap_per_class(tp, conf, pred_cls, target_cls, save_dir=save_dir, names=list(names))
+        ap = ap_per_class(tp, conf, pred_cls, target_cls)
+        if save_dir is not None:
+            plot_ap_curves(ap, save_dir, list(names))
         ap50, ap_all = ap.ap[:, 0], ap.ap.mean(1)
         mp, mr, map50, mean_ap = ap.p.mean(), ap.r.mean(), ap50.mean(), ap_all.mean()
         maps += mean_ap
@@ -205,7 +216,7 @@ def _summarise(stats, names, nc, seen, loss, dt, confusion, save_dir, verbose) -
     all_row = ROW_FORMAT % ("all", seen, nt.sum(), mp, mr, map50, mean_ap)
     speed = tuple(x / max(seen, 1) * 1e3 for x in dt)
     if save_dir is not None:
-        confusion.plot(save_dir=save_dir, names=list(names))
+        plot_confusion_matrix(confusion.matrix, list(names), Path(save_dir) / "confusion_matrix.png")
     return ValResults(
         precision=float(mp), recall=float(mr), map50=float(map50), map=float(mean_ap),
         fitness=float(fitness(np.array([mp, mr, map50, mean_ap]))),
@@ -214,23 +225,23 @@ def _summarise(stats, names, nc, seen, loss, dt, confusion, save_dir, verbose) -
     )
 
 
+def load_weights(cfg) -> torch.nn.Module:
+    """The model ``cfg.weights`` holds, loaded strictly into its own architecture (or ``cfg.model``, ``cfg.nc``):
+    a missing file, a tensor that does not fit or a NaN weight is one :class:`~yolo.errors.CheckpointError`."""
+    if OmegaConf.is_missing(cfg, "weights") or not cfg.weights:
+        raise ConfigError("weights: required: give the checkpoint to validate, e.g. weights=path/to/best.pt")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
+    return checked_model(load_checkpoint(cfg.weights), cfg.weights, model_cfg=model_cfg, nc=cfg.nc, fuse=cfg.fuse)
+
+
 def run(cfg) -> ValResults:
-    """Validate ``cfg.weights`` on ``cfg.data`` (a :class:`yolo.config.ValConfig`)."""
-    from omegaconf import OmegaConf
-
-    from yolo.checkpoint import load_model
-    from yolo.config import data_source
-    from yolo.data.config import ensure_dataset, load_data_config
-    from yolo.data.loader import create_dataloader
-
+    """Validate ``cfg.weights`` on ``cfg.data`` (a :class:`yolo.config.ValConfig`). The weights are loaded and
+    checked before any data is read."""
+    model = load_weights(cfg)
     device = select_device(cfg.device)
     data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
     split = data.split(cfg.split)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
-    model, _ = load_model(cfg.weights, model_cfg=model_cfg, nc=cfg.nc, fuse=cfg.fuse)
     if not cfg.single_cls and model.nc != data.nc:
-        from yolo.data.config import DatasetError
-
         raise DatasetError(f"{cfg.weights} predicts {model.nc} classes but {data.source or data.path} has "
                            f"nc={data.nc}: pass the data config the weights were trained on")
     model.to(device)
@@ -256,11 +267,6 @@ def run(cfg) -> ValResults:
 
 
 def main() -> None:
-    import hydra
-
-    import yolo.config  # noqa: F401  (registers the config schema)
-    from yolo.cli import exit_on_user_error, rewrite_data_override
-
     sys.argv = rewrite_data_override(sys.argv)
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="val")

@@ -201,7 +201,8 @@ def _run_dir(cfg, save_dir, info: DistInfo) -> Path:
 
 
 def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResults:
-    from yolo.checkpoint import load_checkpoint, save_checkpoint, transfer_weights
+    from yolo.checkpoint import load_checkpoint, save_checkpoint
+    from yolo.models.transfer import transfer_weights
     from yolo.data.config import ensure_dataset, load_data_config
     from yolo.data.loader import create_dataloader
     from yolo.ema import ModelEMA
