@@ -115,6 +115,8 @@ def _check_layers(d: dict, where: Any) -> None:
         if part in d and not isinstance(d[part], list):
             raise _bad(where, part, "expected a list of layers")
         layers += d.get(part, [])
+    if not ("backbone" in d and "head" in d):
+        return  # an incomplete architecture is refused when something is built from it
     if len(layers) > MAX_LAYERS:
         raise _bad(where, "backbone/head", f"{len(layers)} layers (at most {MAX_LAYERS})")
     for i, layer in enumerate(layers):
