@@ -189,7 +189,8 @@ def _names_list(names: Any, nc: int) -> list[str]:
 
 def _stride_list(stride: Any) -> list[float]:
     stride = stride.tolist() if isinstance(stride, torch.Tensor) and stride.numel() <= 16 else stride
-    if not (isinstance(stride, (list, tuple)) and len(stride) <= 16 and all(isinstance(x, (int, float)) for x in stride)):
+    if not (isinstance(stride, (list, tuple)) and len(stride) <= 16
+            and all(isinstance(x, (int, float)) for x in stride)):
         raise _Malformed("'stride' is not a short list of numbers")
     return [float(x) for x in stride]
 

@@ -31,7 +31,8 @@ def _shape(x: torch.Tensor | torch.Size) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
 
 
-def fit_problem(expected: Mapping[str, torch.Tensor | torch.Size], state_dict: Mapping[str, torch.Tensor]) -> str | None:
+def fit_problem(expected: Mapping[str, torch.Tensor | torch.Size],
+                state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """What keeps ``state_dict`` from fitting a model whose tensors (or shapes) are ``expected``; None if it fits."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
