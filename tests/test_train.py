@@ -128,7 +128,8 @@ def test_sigkill_then_resume_finishes_all_epochs(tiny_shapes, tmp_path):
     assert killed_at < 2, "the run finished before it could be killed; make it longer"
     run_id = load_checkpoint(last).extra["mlflow_run_id"]
     assert run_id
-    out = subprocess.run([sys.executable, "run_train.py", f"resume={last}",
+    places = [a for a in args if a.split("=")[0] in ("data", "data.file", "mlflow.tracking_uri", "workers", "device")]
+    out = subprocess.run([sys.executable, "run_train.py", f"resume={last}", *places,
                           f"hydra.run.dir={tmp_path / 'resume_launch'}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -140,5 +141,6 @@ def test_sigkill_then_resume_finishes_all_epochs(tiny_shapes, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("yolo").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the resumed run continued, no second run
     assert runs[0].info.status == "FINISHED"
+    assert not (tmp_path / "resume_launch").exists()  # the resume wrote into its run's folder only
     steps = [m.step for m in client.get_metric_history(run_id, "metrics/mAP_0.5")]
     assert sorted(set(steps)) == [0, 1, 2]

@@ -180,6 +180,7 @@ class TrainConfig:
     max_det: int = 300
     project: str = "runs/train"  # where run folders go (Hydra's run dir is built from it)
     name: str = "exp"
+    exist_ok: bool = False  # train into a folder that already holds a run (upstream's --exist-ok)
 
 
 def register_configs() -> None:

@@ -14,7 +14,7 @@ What this module gives the trainer:
 * :func:`broadcast` (rank 0's value everywhere) and :func:`barrier`;
 * :func:`wrap_model` (optional SyncBatchNorm, then ``DistributedDataParallel``) and :func:`gradient_sync`
   (skip the all-reduce on batches that only accumulate gradients);
-* :class:`SharedRunDir`: a Hydra callback that makes every process use rank 0's run folder;
+* :class:`SharedRunDir`: a Hydra callback that claims the run folder and makes every process use rank 0's;
 * :class:`TrainTrace`: with ``YOLO_DDP_TRACE=<folder>`` each process records the images it trained on and
   checksums of its weights (for tests and debugging).
 """
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yolo.engine import resume, run_dir
 from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
 
@@ -246,31 +247,48 @@ except Exception:  # pragma: no cover - hydra always provides it in supported ve
 
 
 class SharedRunDir(_HydraCallback):
-    """Under torchrun, every process uses rank 0's ``hydra.run.dir``.
+    """Chooses a training job's run folder before Hydra creates it (registered in ``conf/train.yaml``).
 
-    Each process composes its own config, and the default run folder holds a timestamp, so processes started a
-    second apart would each make a folder. This callback (registered in ``conf/train.yaml``) joins the process
-    group before Hydra creates the folder, and hands rank 0's folder to the others; only rank 0 writes Hydra's
-    ``.hydra/`` files.
+    * the default, time-stamped folder is claimed atomically (:func:`yolo.engine.resume.hydra_dirs`), so two
+      runs started in the same instant never share one; a resume continues in its run's own folder;
+    * under torchrun every process uses rank 0's folder: each process composes its own config, and processes
+      started a second apart would each make a folder, so rank 0 chooses and tells the others; only rank 0
+      writes Hydra's ``.hydra/`` files;
+    * a multirun's default sweep folder is claimed atomically too.
     """
 
     def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict, read_write
+
         info = DistInfo.from_env()
-        if not info.enabled:
-            return
+        if info.enabled:
+            init_process_group(process_device(config.device, info), info)
+        dirs = None
+        if info.is_main:
+            HydraConfig.instance().set_config(config)  # for ${hydra:...} in the folder's name
+            dirs = resume.hydra_dirs(config)
+        run_dir, subdir = broadcast(dirs, info)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
+            if subdir is not None:
+                config.hydra.output_subdir = subdir
+            if not info.is_main:
+                config.hydra.output_subdir = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf, open_dict, read_write
 
-        init_process_group(process_device(config.device, info), info)
-        run_dir = None
-        if info.is_main:
-            HydraConfig.instance().set_config(config)  # for ${hydra:...} in the folder's name
-            run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
-        run_dir = broadcast(run_dir, info)
+        if DistInfo.from_env().enabled:
+            return
+        overrides = OmegaConf.select(config, "hydra.overrides.hydra") or []
+        if any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.sweep.dir" for o in overrides):
+            return
+        HydraConfig.instance().set_config(config)
+        sweep_dir = run_dir.claim_fresh(str(OmegaConf.select(config, "hydra.sweep.dir")))
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.run.dir = run_dir
-            if not info.is_main:
-                config.hydra.output_subdir = None
+            config.hydra.sweep.dir = str(sweep_dir)
 
 
 def shared_path(path: Path | None, info: DistInfo) -> Path | None:

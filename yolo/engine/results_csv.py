@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from yolo.utils.files import atomic_write_text
+
 COLUMNS = (
     "train/box_loss", "train/obj_loss", "train/cls_loss",
     "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
@@ -25,24 +27,44 @@ def append_row(path: Path, epoch: int, values: Mapping[str, float]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def _row(line: str) -> list[float] | None:
+    """A well-formed data line's values, or None (a torn or foreign line)."""
+    cells = line.split(",")
+    if len(cells) != len(COLUMNS) + 1:
+        return None
+    try:
+        return [float(c) for c in cells]
+    except ValueError:
+        return None
+
+
 def read(path: Path) -> list[dict[str, float]]:
-    """Rows as dicts (stripped keys, float values). Accepts upstream's padded file too."""
+    """Rows as dicts (stripped keys, float values). Accepts upstream's padded file too; a torn last line (a kill
+    mid-write) is skipped."""
     with Path(path).open() as f:
         rows = list(csv.reader(f))
     if not rows:
         return []
     header = [h.strip() for h in rows[0]]
-    return [{k: float(v) for k, v in zip(header, r)} for r in rows[1:] if r]
+    out = []
+    for r in rows[1:]:
+        try:
+            if len(r) == len(header):
+                out.append({k: float(v) for k, v in zip(header, r)})
+        except ValueError:
+            continue
+    return out
 
 
 def truncate(path: Path, before_epoch: int) -> None:
-    """Keep only rows of epochs < ``before_epoch`` (a resumed run rewrites the later ones)."""
+    """Keep only well-formed rows of epochs < ``before_epoch`` (a resumed run rewrites the later ones), in one
+    atomic replacement: a kill leaves the old file or the new one."""
     path = Path(path)
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = lines[:1] + [ln for ln in lines[1:] if ln.strip() and float(ln.split(",")[0]) < before_epoch]
-    path.write_text("\n".join(kept) + "\n")
+    kept = [ln for ln in lines[1:] if (v := _row(ln)) is not None and v[0] < before_epoch]
+    atomic_write_text(path, "\n".join(lines[:1] + kept) + "\n")
 
 
 def columns_for(values: Sequence[float]) -> dict[str, float]:

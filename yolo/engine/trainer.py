@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from yolo.engine import distributed, results_csv
+from yolo.engine import distributed, results_csv, resume, run_dir
 from yolo.engine.callbacks import CallbackList, StopTraining
 from yolo.engine.distributed import DistInfo, TrainTrace
 from yolo.engine.optim import (
@@ -34,13 +34,10 @@ from yolo.engine.optim import (
     scaled_weight_decay,
     warmup_iterations,
 )
-from yolo.engine.setup import (
-    check_img_size,
-    hydra_output_dir,
-    increment_dir,
-    init_seeds,
-)
+from yolo.engine.setup import check_img_size, hydra_output_dir, init_seeds
+from yolo.errors import UserError
 from yolo.models.yolo import to_plain
+from yolo.utils.files import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("yolo")
 
@@ -113,21 +110,6 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
     return frozen
 
 
-def _find_resume_checkpoint(resume, project: str) -> Path:
-    """``resume=true`` → the newest ``last.pt`` under ``project``; ``resume=path`` → that file."""
-    from yolo.checkpoint import CheckpointError
-
-    if isinstance(resume, str) and resume.lower() not in ("true", "1", "yes"):
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"resume={resume}: no such checkpoint")
-        return path
-    candidates = sorted(Path(project).glob("**/weights/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise CheckpointError(f"resume=true: no last.pt found under {project}/")
-    return candidates[-1]
-
-
 class _Tracking:
     """Thin adapter over :mod:`yolo.tracking` so the trainer works with MLflow off or broken."""
 
@@ -175,34 +157,56 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
         distributed.shutdown()
 
 
-def _resume(cfg, save_dir):
-    """``(cfg, checkpoint or None, save_dir)``: a resumed run takes its checkpoint's config and folder."""
-    from yolo.checkpoint import CheckpointError, load_checkpoint
-    from yolo.config import TrainConfig
-
-    if cfg.resume in (False, None, "", "false", "False"):
-        return cfg, None, save_dir
-    ckpt_path = _find_resume_checkpoint(cfg.resume, cfg.project)
-    ckpt = load_checkpoint(ckpt_path)
-    if not ckpt.config:
-        raise CheckpointError(f"{ckpt_path}: checkpoint holds no training config, cannot resume")
-    device = cfg.device  # where to run is the caller's choice (under torchrun the process group is already on it)
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt.config)
-    cfg.resume, cfg.device = str(ckpt_path), device
-    log.info(f"Resuming training from {ckpt_path} (epoch {ckpt.epoch + 1} of {cfg.epochs})")
-    return cfg, ckpt, ckpt_path.parent.parent
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the run stops, keeping the last good checkpoint."""
 
 
-def _run_dir(cfg, save_dir, info: DistInfo) -> Path:
-    """The run folder: the one given, Hydra's, or a fresh ``project/name{N}``; under DDP always rank 0's."""
+def _resume_plan(cfg) -> resume.ResumePlan | None:
+    """The resume asked by ``cfg.resume`` (None: a new run); where to run stays the caller's choice."""
+    p = resume.plan(cfg, resume.command_keys())
+    if p is None:
+        return None
+    p.cfg.device = cfg.device  # under torchrun the process group is already on the caller's device
+    where = p.run_dir if p.run_dir is not None else "a new run folder (the checkpoint is not in its run's folder)"
+    log.info(f"Resuming training from {p.path} (epoch {p.start_epoch} of {p.cfg.epochs}) into {where}")
+    if not p.has_epochs_left:
+        log.info(f"{p.path} has trained all {p.cfg.epochs} epochs; finishing the run (strip, final validation)")
+    return p
+
+
+def _open_run(cfg, save_dir, rplan, info: DistInfo) -> tuple[Path, str | None, run_dir.RunHold | None]:
+    """The run folder, held for this run (rank 0): the resumed run's own, the caller's, Hydra's, or a fresh
+    ``project/name{N}``; under DDP always rank 0's."""
+    run_id = hold = None
     if info.is_main:
-        save_dir = Path(save_dir or hydra_output_dir() or increment_dir(Path(cfg.project) / cfg.name))
-    return distributed.shared_path(save_dir, info)
+        if rplan is not None and rplan.run_dir is not None:
+            folder, run_id, exist_ok = rplan.run_dir, rplan.run_id, True
+        else:
+            folder = Path(save_dir or hydra_output_dir() or run_dir.claim_fresh(Path(cfg.project) / cfg.name))
+            exist_ok = bool(cfg.exist_ok) or save_dir is not None  # a library caller owns the folder it names
+        run_id, hold = run_dir.open_run(folder, run_id, exist_ok=exist_ok)
+        save_dir = folder
+    return distributed.shared_path(save_dir, info), run_id, hold
 
 
 def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResults:
+    t_start = time.time()
+    rplan = _resume_plan(cfg)
+    resume_ckpt = rplan.ckpt if rplan is not None else None
+    cfg = rplan.cfg if rplan is not None else cfg
+    distributed.check_config(cfg, info)
+    device = distributed.setup(cfg.device, info)
+    save_dir, run_id, hold = _open_run(cfg, save_dir, rplan, info)
+    try:
+        return _train_in(cfg, callbacks, save_dir, info, t_start, rplan, resume_ckpt, device, run_id)
+    finally:
+        if hold is not None:
+            hold.release()
+
+
+def _train_in(cfg, callbacks, save_dir, info, t_start, rplan, resume_ckpt, device, run_id) -> TrainResults:
     from yolo.checkpoint import load_checkpoint, save_checkpoint
-    from yolo.models.transfer import transfer_weights
+    from yolo.models.transfer import load_state_strict, transfer_weights
     from yolo.data.config import ensure_dataset, load_data_config
     from yolo.data.loader import create_dataloader
     from yolo.ema import ModelEMA
@@ -210,19 +214,16 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
     from yolo.models import build_model
     from yolo.val import validate
 
-    t_start = time.time()
-    cfg, resume_ckpt, save_dir = _resume(cfg, save_dir)
-    distributed.check_config(cfg, info)
-    device = distributed.setup(cfg.device, info)
     main = info.is_main
-    save_dir = _run_dir(cfg, save_dir, info)
     wdir = save_dir / "weights"
     last, best = wdir / "last.pt", wdir / "best.pt"
     hyp = cfg.hyp
     if main:
         wdir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(hyp, save_dir / "hyp.yaml")
-        OmegaConf.save(cfg, save_dir / "config.yaml", resolve=True)
+        for folder in (save_dir, wdir):
+            remove_stale_temps(folder)  # what a save killed half-way left behind
+        atomic_write_text(save_dir / "hyp.yaml", OmegaConf.to_yaml(hyp, resolve=True))
+        atomic_write_text(save_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     init_seeds(cfg.seed + 1, deterministic=cfg.deterministic)
     use_amp = bool(cfg.amp) and device.type == "cuda"
@@ -236,6 +237,8 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
         ensure_dataset(data)
     nc = 1 if cfg.single_cls else data.nc
     names = ["item"] if cfg.single_cls and len(data.names) != 1 else list(data.names)
+    if rplan is not None:
+        resume.check_data_matches(rplan, nc, names)
 
     # ---- model -------------------------------------------------------------------------------------------------
     weights_ckpt = resume_ckpt or (load_checkpoint(cfg.weights) if cfg.weights else None)
@@ -248,10 +251,12 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
         model_cfg["anchors"] = int(round(hyp.anchors))
     # NHWC (channels_last) convolutions are markedly faster on CPU (oneDNN) and on recent GPUs
     model = build_model(model_cfg, nc=nc).to(device, memory_format=torch.channels_last)
-    if weights_ckpt is not None:
-        # a chosen architecture or anchor count brings its own anchors (upstream's rule); resume restores all
-        exclude = ["anchor"] if (cfg.model is not None or hyp.anchors) and resume_ckpt is None else []
-        transfer_weights(model, weights_ckpt.state_dict, exclude=exclude, source=cfg.weights or cfg.resume)
+    if resume_ckpt is not None:  # a resume restores everything, and only into its own architecture
+        load_state_strict(model, resume_ckpt.state_dict, rplan.path)
+    elif weights_ckpt is not None:
+        # a chosen architecture or anchor count brings its own anchors (upstream's rule)
+        exclude = ["anchor"] if (cfg.model is not None or hyp.anchors) else []
+        transfer_weights(model, weights_ckpt.state_dict, exclude=exclude, source=cfg.weights)
     if cfg.freeze:
         frozen = freeze_layers(model, list(cfg.freeze))
         log.info(f"Freezing {len(frozen)} parameter tensors of layers {list(cfg.freeze)}")
@@ -271,13 +276,11 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
         if resume_ckpt.optimizer:
             optimizer.load_state_dict(resume_ckpt.optimizer)
         if ema is not None and resume_ckpt.ema_state_dict:
-            ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                     for k, v in resume_ckpt.ema_state_dict.items()})
+            load_state_strict(ema.ema, resume_ckpt.ema_state_dict, rplan.path)
             ema.updates = int(resume_ckpt.updates or 0)
         best_fitness = float(resume_ckpt.best_fitness or 0.0)
-        start_epoch = resume_ckpt.epoch + 1
-        if start_epoch >= cfg.epochs:
-            log.info(f"{resume_ckpt} already finished {cfg.epochs} epochs; nothing to resume")
+        best_fitness = best_fitness if math.isfinite(best_fitness) else 0.0
+        start_epoch = rplan.start_epoch
     scheduler.last_epoch = start_epoch - 1
 
     # ---- loaders (the label cache is written once per machine; rank 0 alone validates) -------------------------
@@ -316,8 +319,7 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
     compute_loss = ComputeLoss(model, loss_hyp)
 
     # ---- tracking and callbacks (rank 0) -----------------------------------------------------------------------
-    run_id = resume_ckpt.extra.get("mlflow_run_id") if resume_ckpt else None
-    tracking = _Tracking(cfg, save_dir, run_id, enabled=main)
+    tracking = _Tracking(cfg, save_dir, rplan.mlflow_run_id if rplan else None, enabled=main)
     csv_path = save_dir / "results.csv"
     if main:
         results_csv.truncate(csv_path, start_epoch)
@@ -370,6 +372,8 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
                     with torch.autocast(device_type=device.type, enabled=use_amp):
                         pred = model(imgs)
                         loss, loss_items = compute_loss(pred, targets.to(device))
+                    if not bool(torch.isfinite(loss).all()):
+                        raise TrainingDiverged(_diverged(loss, epoch, i, last))
                     # DDP averages gradients over the processes; scaling restores the sum over the global batch
                     scaler.scale(loss * info.world_size).backward()
                 if step_now:
@@ -417,7 +421,7 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
                 tracking.log_metrics(metrics, step=epoch)
 
                 if not cfg.nosave or final_epoch:
-                    extra = {"mlflow_run_id": tracking.run_id, "save_dir": str(save_dir)}
+                    extra = {"mlflow_run_id": tracking.run_id, "run_id": run_id}
                     common = dict(model=model, ema=ema.ema, optimizer=optimizer, epoch=epoch,
                                   best_fitness=best_fitness, updates=ema.updates, config=to_plain(cfg), extra=extra)
                     save_checkpoint(last, **common)
@@ -450,6 +454,12 @@ def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResul
             _finish(cfg, results, tracking, callbacks, save_dir, val_loader, val_res, best_fitness, names, device,
                     use_amp, compute_loss, t_start, start_epoch)
     return TrainResults(**distributed.broadcast(results.as_dict(), info))
+
+
+def _diverged(loss: torch.Tensor, epoch: int, batch: int, last: Path) -> str:
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+    return (f"training diverged: the loss is {float(loss.detach().float().sum())} at epoch {epoch}, batch {batch}; "
+            f"stopped, {kept} (try a lower hyp.lr0 or hyp.warmup_bias_lr)")
 
 
 def _stopped_by_callback(results: TrainResults, e: StopTraining, epoch: int, tracking: _Tracking, val_res,
