@@ -30,6 +30,7 @@ from yolo.config import TrainConfig
 from yolo.engine import run_dir
 from yolo.errors import CheckpointError, ConfigError, UserError
 from yolo.models.yolo import to_plain
+from yolo.utils.files import remove_stale_temps
 
 log = logging.getLogger("yolo")
 
@@ -169,13 +170,16 @@ def plan(cfg: DictConfig, given: Iterable[str] | None = None) -> ResumePlan | No
     given = list(given) if given is not None else None
     _apply_command(merged, cfg, given, path)
     merged.resume = str(path)
+    folder = run_folder_of(path, ckpt)
+    if folder is not None:  # what a save killed half-way left behind, even when there is nothing to train
+        for sub in (folder, folder / "weights"):
+            remove_stale_temps(sub)
     if ckpt.epoch < 0 or ckpt.optimizer is None:
         raise ResumeError(f"resume: {path} is a finished run (stripped after its last epoch); nothing to resume. "
                           f"To train further, start a new run from it: weights={path} epochs=N")
     start = int(ckpt.epoch) + 1
     if merged.epochs < start:
         raise ResumeError(f"resume: epochs={merged.epochs} but {path} has already trained {start} epochs")
-    folder = run_folder_of(path, ckpt)
     mlflow_id = ckpt.extra.get("mlflow_run_id")
     mlflow_id = mlflow_id if isinstance(mlflow_id, str) and mlflow_id.isalnum() and len(mlflow_id) <= 64 else None
     return ResumePlan(cfg=merged, ckpt=ckpt, path=path, start_epoch=start, run_dir=folder,
