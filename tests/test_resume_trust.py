@@ -264,3 +264,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tmp_path
         load_model(run / "weights" / name)  # strict: finite and fitting
     rows = (run / "results.csv").read_text().strip().splitlines()[1:]
     assert len(rows) == 1
+
+
+def test_explicit_used_folder_is_refused_before_hydra_writes(tiny_shapes, tmp_path):
+    """``hydra.run.dir=`` into a folder holding a run: one ERROR line, and its files (Hydra's included) intact."""
+    base = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=2"))
+    run = tmp_path / "runs" / "train" / "used"
+    _fake_run(run, base, 1)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("the original run's composition\n")
+    before = _digest(run)
+    args = train_overrides(tiny_shapes, tmp_path, "epochs=1", "mlflow.enabled=false")
+    out = subprocess.run([sys.executable, "run_train.py", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(errors) == 1 and "exist_ok" in errors[0] and "Traceback" not in out.stderr, out.stderr
+    assert _digest(run) == before

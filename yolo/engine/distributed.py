@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yolo.cli import exit_on_user_error
 from yolo.engine import resume, run_dir
 from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
@@ -267,7 +268,8 @@ class SharedRunDir(_HydraCallback):
         dirs = None
         if info.is_main:
             HydraConfig.instance().set_config(config)  # for ${hydra:...} in the folder's name
-            dirs = resume.hydra_dirs(config)
+            with exit_on_user_error():  # a refused folder: one line, before Hydra writes anything
+                dirs = resume.hydra_dirs(config)
         run_dir, subdir = broadcast(dirs, info)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = run_dir

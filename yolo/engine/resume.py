@@ -222,5 +222,6 @@ def hydra_dirs(config: DictConfig) -> tuple[str, str | None]:
     chosen = str(OmegaConf.select(config, "hydra.run.dir"))
     overrides = OmegaConf.select(config, "hydra.overrides.hydra") or []
     if any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides):
+        run_dir.check_free(chosen, exist_ok=bool(config.get("exist_ok")))  # before Hydra writes .hydra/ there
         return chosen, None
     return os.fspath(run_dir.claim_fresh(chosen)), None

@@ -137,6 +137,21 @@ def _try_lock(fh: IO) -> bool:
     return True
 
 
+def check_free(folder: str | os.PathLike, exist_ok: bool = False) -> None:
+    """Refuse ``folder`` when a live run holds it, or when it holds an earlier run and ``exist_ok`` is false."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if (folder / LOCK).exists():
+        RunHold(folder).acquire().release()  # raises while a live run holds it
+    if is_used(folder) and not exist_ok:
+        raise RunDirError(_USED.format(folder=folder))
+
+
+_USED = ("{folder} already holds a training run; pass exist_ok=true to train into it anyway (its results are "
+         "replaced) or choose another hydra.run.dir / name")
+
+
 def open_run(folder: Path, run_id: str | None = None, exist_ok: bool = False) -> tuple[str, RunHold]:
     """Hold ``folder`` for a training and return ``(run id, hold)``.
 
@@ -151,8 +166,7 @@ def open_run(folder: Path, run_id: str | None = None, exist_ok: bool = False) ->
                 raise RunDirError(f"{folder} is not the folder of run {run_id}")
             return run_id, hold
         if is_used(folder) and not exist_ok:
-            raise RunDirError(f"{folder} already holds a training run; pass exist_ok=true to train into it anyway "
-                              "(its results are replaced) or choose another hydra.run.dir / name")
+            raise RunDirError(_USED.format(folder=folder))
         run_id = new_run_id()
         write_marker(folder, run_id)
         return run_id, hold
