@@ -10,7 +10,7 @@ from yolo.cli import exit_on_user_error, rewrite_data_override
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> float:
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     with exit_on_user_error():
         return train(cfg).fitness

@@ -124,7 +124,7 @@ def _train_start(spec: dict) -> None:
     """Child process: train the start checkpoint."""
     import torch
 
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -168,7 +168,7 @@ def _run_evolution(spec: dict) -> None:
 
     from evolve import ledger
     from evolve.driver import evolve
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -32,7 +32,7 @@ import json, sys
 sys.argv = ['run_train.py']
 import yolo.config
 from hydra import compose, initialize_config_dir
-from yolo.engine.trainer import train
+from yolo.train import train
 with initialize_config_dir(version_base='1.3', config_dir='{ROOT / 'conf'}'):
     cfg = compose('train', ['model={model}', 'data=coco128', 'imgsz=320', 'batch_size=16', 'epochs={epochs}',
                             'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false',

@@ -40,7 +40,7 @@ class EvolveSettings:
     poll_s: float = 2.0  # how often a waiting worker / the monitor looks at the storage
     keep_weights: bool = False  # keep each generation's last.pt/best.pt
     plot: bool = True  # write evolve.png
-    train_fn: Optional[str] = None  # "module:function" replacing yolo.engine.trainer.train (tests, benchmarks)
+    train_fn: Optional[str] = None  # "module:function" replacing yolo.train.train (tests, benchmarks)
     sampler_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra arguments of the strategy's sampler
 
 

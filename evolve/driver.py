@@ -3,7 +3,7 @@
 One Optuna study is the ledger of the search whatever the strategy (:mod:`evolve.samplers`). The study is created
 (and its first trial, the base hyps, queued) by the calling process before any worker starts. Each worker then
 loops: under the evolution's lock it fails the trials of dead workers, checks the budget and asks for a trial;
-it trains that generation with ``train_fn`` (``yolo.engine.trainer.train`` by default), records the metrics and
+it trains that generation with ``train_fn`` (``yolo.train.train`` by default), records the metrics and
 tells the study COMPLETE (value = fitness), PRUNED or FAIL, then rewrites evolve.csv and hyp_evolve.yaml from the
 storage. ``generations`` is the number of finished (COMPLETE + PRUNED) generations wanted in total, so running the
 same command again continues an evolution and a larger ``generations`` adds exactly the difference.
@@ -211,7 +211,7 @@ def _resolve_train_fn(train_fn: Callable | str | None) -> Callable:
         if not name:
             raise ValueError(f"evolve.train_fn must look like 'package.module:function', got {train_fn!r}")
         return getattr(importlib.import_module(module), name)
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     return train
 
@@ -687,7 +687,7 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
 
     ``train_fn(cfg, callbacks=..., save_dir=...)`` trains one generation and returns an object with the fields of
     ``yolo.engine.trainer.TrainResults`` (precision, recall, map50, map, val_losses, pruned, mlflow_run_id, ...);
-    default: the config's ``evolve.train_fn`` if set, else ``yolo.engine.trainer.train``.
+    default: the config's ``evolve.train_fn`` if set, else ``yolo.train.train``.
     """
     setup = _Setup(cfg, announce=True)
     train_fn = train_fn if train_fn is not None else setup.settings.train_fn

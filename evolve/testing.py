@@ -1,4 +1,4 @@
-"""A stand-in for ``yolo.engine.trainer.train`` that costs nothing: for tests, smoke runs and strategy benchmarks.
+"""A stand-in for ``yolo.train.train`` that costs nothing: for tests, smoke runs and strategy benchmarks.
 
 ``fake_train(cfg, callbacks=(), save_dir=None)`` scores the hyps with a smooth deterministic function (a peak at
 :data:`TARGET`), calls ``on_epoch_end`` every epoch like the trainer (fitness growing with the epoch; with

@@ -73,7 +73,7 @@ def test_resume_under_ddp(tiny_shapes, tmp_path):
 
     from yolo.checkpoint import load_checkpoint
     from yolo.engine.callbacks import StopTraining
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     def stop_after_first_epoch(epoch, metrics):
         raise StopTraining("interrupted for the test")

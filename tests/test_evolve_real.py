@@ -1,4 +1,4 @@
-"""Evolution with real training (``yolo.engine.trainer.train``): two worker processes sharing one journal; a
+"""Evolution with real training (``yolo.train.train``): two worker processes sharing one journal; a
 worker SIGKILLed mid-generation, then the same command run again; the command of two workers SIGKILLed.
 
 The generations are tiny but real: yolov5n from scratch on the session's tiny shapes set (tests/conftest.py),

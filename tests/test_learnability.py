@@ -9,7 +9,7 @@ from conftest import compose
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_yolov5n_learns_shapes_from_scratch(tmp_path):
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     cfg = compose("train", [
         "model=yolov5n", "data=shapes", "hyp=shapes-scratch", "imgsz=128", "epochs=10", "batch_size=16",

@@ -68,7 +68,7 @@ def _resume_cfg(tiny_shapes, tmp_path, last: Path, *extra: str):
 def test_hostile_stored_config_chooses_no_place(tiny_shapes, tmp_path):
     """A checkpoint whose stored config points data.path/download and the project outside: resuming creates
     nothing outside the run folder and the datasets root, and never unpacks the archive."""
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     evil = tmp_path / "evil"
     evil.mkdir()
@@ -97,7 +97,7 @@ def test_hostile_stored_config_chooses_no_place(tiny_shapes, tmp_path):
 
 
 def test_stored_interpolation_is_refused_not_resolved(tiny_shapes, tmp_path, monkeypatch):
-    from yolo.engine.trainer import train
+    from yolo.train import train
     from yolo.errors import CheckpointError
 
     monkeypatch.setenv("YOLO_TEST_SECRET", "hunter2-secret")
@@ -116,7 +116,7 @@ def test_stored_interpolation_is_refused_not_resolved(tiny_shapes, tmp_path, mon
 
 def test_finished_run_is_never_retrained(tiny_shapes, tmp_path):
     """A stripped last.pt (the run ended): resume refuses in one line and touches nothing."""
-    from yolo.engine.trainer import train
+    from yolo.train import train
     from yolo.errors import UserError
 
     base = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=2"))
@@ -132,7 +132,7 @@ def test_finished_run_is_never_retrained(tiny_shapes, tmp_path):
 def test_run_killed_during_its_end_is_finished_without_training(tiny_shapes, tmp_path):
     """All epochs done, killed before the strip: the resume strips and validates, results.csv stays as it is."""
     from yolo.checkpoint import load_checkpoint
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     base = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=2"))
     run = tmp_path / "runs" / "train" / "ending"
@@ -146,7 +146,7 @@ def test_run_killed_during_its_end_is_finished_without_training(tiny_shapes, tmp
 
 def test_checkpoint_outside_its_run_resumes_into_a_new_folder(tiny_shapes, tmp_path):
     """``myproject/checkpoints/last.pt``: myproject's own config.yaml and results.csv are never touched."""
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     base = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=2"))
     src = _fake_run(tmp_path / "source", base, 1)
@@ -242,7 +242,7 @@ def test_same_instant_double_start_gets_two_folders(tiny_shapes, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_shapes, tmp_path, monkeypatch):
     from yolo.checkpoint import load_model
-    from yolo.engine.trainer import train
+    from yolo.train import train
     from yolo.errors import UserError
     from yolo.loss import ComputeLoss
 

@@ -117,7 +117,7 @@ def test_runs_started_after_the_same_seed_get_different_names(tmp_path):
 @pytest.mark.timeout(300)
 def test_two_trainings_with_the_same_seed_have_distinct_descriptive_names(tiny_shapes, tmp_path):
     """The runs table once showed one random name for every training: the trainer seeds `random` first."""
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     cfg = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=1", "noval=true", "noplots=true",
                                            "imgsz=64", "seed=0"))

@@ -83,7 +83,7 @@ def test_password_never_reaches_params_tags_names_or_artifacts(tmp_path, monkeyp
 @pytest.mark.timeout(300)
 def test_training_with_a_password_in_tracking_uri_stores_none(tiny_shapes, tmp_path, monkeypatch):
     """The real trainer: its config (with the password) becomes params, config.yaml and .hydra/ artifacts."""
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     cfg = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=1", "noval=true", "noplots=true",
                                            "imgsz=64", f"mlflow.tracking_uri={URL}"))

@@ -37,7 +37,7 @@ def test_short_run_learns_and_is_tracked(tiny_shapes, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from yolo.checkpoint import load_checkpoint, load_model
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     cfg = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=3", "hyp.lr0=0.05"))
     seen = []
@@ -72,7 +72,7 @@ def test_short_run_learns_and_is_tracked(tiny_shapes, tmp_path):
 
 
 def test_unreachable_tracking_server_warns_and_trains(tiny_shapes, tmp_path, caplog):
-    from yolo.engine.trainer import train
+    from yolo.train import train
 
     cfg = compose("train", train_overrides(tiny_shapes, tmp_path, "epochs=1", "noval=true", "noplots=true",
                                            "mlflow.tracking_uri=http://127.0.0.1:9", "mlflow.timeout_s=1"))

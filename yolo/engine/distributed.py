@@ -332,11 +332,6 @@ class TrainTrace:
         self.data: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "epochs": {}, "weights": {}}
         self._index = {f: i for i, f in enumerate(im_files)}
 
-    @classmethod
-    def from_env(cls, info: DistInfo, im_files: list[str]) -> TrainTrace | None:
-        folder = os.environ.get(TRACE_ENV, "").strip()
-        return cls(Path(folder), info, im_files) if folder else None
-
     def batch(self, epoch: int, paths) -> None:
         self.data["epochs"].setdefault(str(epoch), []).extend(self._index[p] for p in paths)
 
@@ -349,3 +344,33 @@ class TrainTrace:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         os.replace(tmp, self.path)
+
+
+class TraceCallback:
+    """The DDP trace as a trainer callback (every process): weights at the start, after the first optimizer step
+    and after each epoch; the images of each batch."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.trace: TrainTrace | None = None
+        self._first_step = False
+
+    @classmethod
+    def from_env(cls) -> TraceCallback | None:
+        folder = os.environ.get(TRACE_ENV, "").strip()
+        return cls(Path(folder)) if folder else None
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        if self.trace is None:
+            self.trace = TrainTrace(self.folder, trainer.info, trainer.dataset.im_files)
+            self.trace.weights("start", trainer.model)
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self.trace.batch(trainer.epoch, trainer.batch[2])
+        if not self._first_step and trainer.stepper.steps > 0:
+            self._first_step = True
+            self.trace.weights("first_step", trainer.model)
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        self.trace.weights(f"epoch{trainer.epoch}", trainer.model)
+

@@ -1,9 +1,12 @@
-"""The training run: upstream YOLOv5's recipe as one function, ``train(cfg, callbacks) -> TrainResults``.
+"""The training run as an object with phases: :class:`Trainer` (upstream YOLOv5's recipe).
 
-Warmup, nominal-batch accumulation, one-cycle/linear LR, EMA, AMP (CUDA), gradient clipping, multi-scale,
-autoanchor, layer freezing, early stopping, ``last.pt``/``best.pt`` every epoch, resume, and a final validation
-of ``best.pt``.  Tracking (MLflow) and plots observe the run; neither can stop it.  Under ``torchrun`` the same
-function runs in every process of a DDP run (:mod:`yolo.engine.distributed`).
+``Trainer(cfg, callbacks, save_dir).fit()`` runs ``setup`` (run folder, data, model, optimizer, scheduler, EMA,
+loaders, loss), then for each epoch ``train_epoch`` (:func:`yolo.engine.loop.train_one_epoch` over objects),
+``validate`` and ``end_epoch`` (fitness, ``results.csv``, checkpoints, early stop), then ``finish`` (strip,
+final validation of ``best.pt``). State lives on the object; named events (:mod:`yolo.engine.callbacks`) hand
+it to callbacks. The trainer knows no integration: MLflow, plots, evolution's pruning and the DDP trace are
+callbacks attached by the caller (:func:`yolo.train.train` attaches the default ones). Under ``torchrun`` every
+process runs a Trainer (:mod:`yolo.engine.distributed`); rank 0 alone validates, saves and fires the rank-0 events.
 """
 
 from __future__ import annotations
@@ -14,18 +17,23 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from tqdm import tqdm
 
-from yolo.engine import distributed, results_csv, resume, run_dir
+from yolo.autoanchor import check_anchors
+from yolo.checkpoint import load_checkpoint, load_model, save_checkpoint, strip_optimizer
+from yolo.config import data_source
+from yolo.data.config import ensure_dataset, load_data_config
+from yolo.data.loader import create_dataloader
+from yolo.ema import ModelEMA
+from yolo.engine import distributed, resume, results_csv, run_dir
 from yolo.engine.callbacks import CallbackList, StopTraining
-from yolo.engine.distributed import DistInfo, TrainTrace
+from yolo.engine.distributed import DistInfo
+from yolo.engine.loop import PROGRESS_HEADER, Stepper, multi_scale, train_one_epoch
 from yolo.engine.optim import (
     accumulate_steps,
     apply_warmup,
@@ -35,13 +43,15 @@ from yolo.engine.optim import (
     warmup_iterations,
 )
 from yolo.engine.setup import check_img_size, hydra_output_dir, init_seeds
-from yolo.errors import UserError
+from yolo.errors import ConfigError
+from yolo.loss import ComputeLoss, scale_loss_gains
+from yolo.models import build_model
+from yolo.models.transfer import load_state_strict, transfer_weights
 from yolo.models.yolo import to_plain
 from yolo.utils.files import atomic_write_text, remove_stale_temps
+from yolo.val import validate
 
 log = logging.getLogger("yolo")
-
-PROGRESS_HEADER = ("%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
 
 
 @dataclass
@@ -110,479 +120,367 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
     return frozen
 
 
-class _Tracking:
-    """Thin adapter over :mod:`yolo.tracking` so the trainer works with MLflow off or broken."""
-
-    def __init__(self, cfg, save_dir: Path, resume_run_id: str | None, enabled: bool = True):
-        self.tracker = None
-        if not (enabled and cfg.mlflow.enabled):
-            return
-        try:
-            from yolo.tracking import start_training_run
-
-            self.tracker = start_training_run(cfg, save_dir, resume_run_id)
-        except Exception as e:  # tracking must never kill a run
-            from yolo.utils.redact import redact_text
-
-            log.warning(redact_text(f"WARNING: MLflow tracking disabled: {e}"))
-            self.tracker = None
-
-    @property
-    def run_id(self) -> str | None:
-        return getattr(self.tracker, "run_id", None) if self.tracker else None
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            if self.tracker is not None:
-                try:
-                    return getattr(self.tracker, name)(*args, **kwargs)
-                except Exception as e:
-                    log.warning(f"WARNING: MLflow {name} failed: {e}")
-        return call
-
-
-def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None) -> TrainResults:
-    """Train a detector as configured by ``cfg`` (a validated :class:`yolo.config.TrainConfig`).
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one process of a DDP run (see
-    :mod:`yolo.engine.distributed`): each process trains on its share of every epoch with ``batch_size /
-    WORLD_SIZE`` images per step; rank 0 alone validates, plots, saves checkpoints, logs to MLflow and calls the
-    ``callbacks``; every process returns rank 0's results.
-    """
-    info = DistInfo.from_env()
-    try:
-        with distributed.quiet_unless_main(info):
-            return _train(cfg, CallbackList(callbacks), save_dir, info)
-    finally:
-        distributed.shutdown()
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite: the run stops, keeping the last good checkpoint."""
-
-
-def _resume_plan(cfg) -> resume.ResumePlan | None:
-    """The resume asked by ``cfg.resume`` (None: a new run); where to run stays the caller's choice."""
-    p = resume.plan(cfg, resume.command_keys())
-    if p is None:
-        return None
-    p.cfg.device = cfg.device  # under torchrun the process group is already on the caller's device
-    where = p.run_dir if p.run_dir is not None else "a new run folder (the checkpoint is not in its run's folder)"
-    log.info(f"Resuming training from {p.path} (epoch {p.start_epoch} of {p.cfg.epochs}) into {where}")
-    if not p.has_epochs_left:
-        log.info(f"{p.path} has trained all {p.cfg.epochs} epochs; finishing the run (strip, final validation)")
-    return p
-
-
-def _open_run(cfg, save_dir, rplan, info: DistInfo) -> tuple[Path, str | None, run_dir.RunHold | None]:
-    """The run folder, held for this run (rank 0): the resumed run's own, the caller's, Hydra's, or a fresh
-    ``project/name{N}``; under DDP always rank 0's."""
-    run_id = hold = None
-    if info.is_main:
-        if rplan is not None and rplan.run_dir is not None:
-            folder, run_id, exist_ok = rplan.run_dir, rplan.run_id, True
-        else:
-            folder = Path(save_dir or hydra_output_dir() or run_dir.claim_fresh(Path(cfg.project) / cfg.name))
-            exist_ok = bool(cfg.exist_ok) or save_dir is not None  # a library caller owns the folder it names
-        run_id, hold = run_dir.open_run(folder, run_id, exist_ok=exist_ok)
-        save_dir = folder
-    return distributed.shared_path(save_dir, info), run_id, hold
-
-
-def _train(cfg, callbacks: CallbackList, save_dir, info: DistInfo) -> TrainResults:
-    t_start = time.time()
-    rplan = _resume_plan(cfg)
-    resume_ckpt = rplan.ckpt if rplan is not None else None
-    cfg = rplan.cfg if rplan is not None else cfg
-    distributed.check_config(cfg, info)
-    device = distributed.setup(cfg.device, info)
-    save_dir, run_id, hold = _open_run(cfg, save_dir, rplan, info)
-    try:
-        return _train_in(cfg, callbacks, save_dir, info, t_start, rplan, resume_ckpt, device, run_id)
-    finally:
-        if hold is not None:
-            hold.release()
-
-
-def _train_in(cfg, callbacks, save_dir, info, t_start, rplan, resume_ckpt, device, run_id) -> TrainResults:
-    from yolo.checkpoint import load_checkpoint, save_checkpoint
-    from yolo.models.transfer import load_state_strict, transfer_weights
-    from yolo.data.config import ensure_dataset, load_data_config
-    from yolo.data.loader import create_dataloader
-    from yolo.ema import ModelEMA
-    from yolo.loss import ComputeLoss, scale_loss_gains
-    from yolo.models import build_model
-    from yolo.val import validate
-
-    main = info.is_main
-    wdir = save_dir / "weights"
-    last, best = wdir / "last.pt", wdir / "best.pt"
-    hyp = cfg.hyp
-    if main:
-        wdir.mkdir(parents=True, exist_ok=True)
-        for folder in (save_dir, wdir):
-            remove_stale_temps(folder)  # what a save killed half-way left behind
-        atomic_write_text(save_dir / "hyp.yaml", OmegaConf.to_yaml(hyp, resolve=True))
-        atomic_write_text(save_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    init_seeds(cfg.seed + 1, deterministic=cfg.deterministic)
-    use_amp = bool(cfg.amp) and device.type == "cuda"
-    py_rng = random.Random(cfg.seed)
-
-    # ---- data config (one process per machine downloads or generates the dataset) ------------------------------
-    from yolo.config import data_source
-
-    with distributed.local_main_first(info):
-        data = load_data_config(data_source(cfg.data), cfg.datasets_dir)
-        ensure_dataset(data)
-    nc = 1 if cfg.single_cls else data.nc
-    names = ["item"] if cfg.single_cls and len(data.names) != 1 else list(data.names)
-    if rplan is not None:
-        resume.check_data_matches(rplan, nc, names)
-
-    # ---- model -------------------------------------------------------------------------------------------------
-    weights_ckpt = resume_ckpt or (load_checkpoint(cfg.weights) if cfg.weights else None)
-    model_cfg = to_plain(cfg.model) if cfg.model is not None else None
-    if model_cfg is None:
-        if weights_ckpt is None:
-            raise ValueError("no model: choose model=yolov5n|s|m|l|x or give weights=path/to/checkpoint.pt")
-        model_cfg = dict(weights_ckpt.model_yaml)
-    if hyp.anchors:
-        model_cfg["anchors"] = int(round(hyp.anchors))
-    # NHWC (channels_last) convolutions are markedly faster on CPU (oneDNN) and on recent GPUs
-    model = build_model(model_cfg, nc=nc).to(device, memory_format=torch.channels_last)
-    if resume_ckpt is not None:  # a resume restores everything, and only into its own architecture
-        load_state_strict(model, resume_ckpt.state_dict, rplan.path)
-    elif weights_ckpt is not None:
-        # a chosen architecture or anchor count brings its own anchors (upstream's rule)
-        exclude = ["anchor"] if (cfg.model is not None or hyp.anchors) else []
-        transfer_weights(model, weights_ckpt.state_dict, exclude=exclude, source=cfg.weights)
-    if cfg.freeze:
-        frozen = freeze_layers(model, list(cfg.freeze))
-        log.info(f"Freezing {len(frozen)} parameter tensors of layers {list(cfg.freeze)}")
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(cfg.imgsz, gs, floor=gs * 2)
-    batch_size = cfg.batch_size  # the global batch: DDP processes take batch_size / WORLD_SIZE each
-
-    # ---- optimizer, schedule, EMA (rank 0 keeps the EMA) -------------------------------------------------------
-    accumulate = accumulate_steps(batch_size)
-    decay = scaled_weight_decay(hyp.weight_decay, batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer.name, hyp.lr0, hyp.momentum, decay, cfg.optimizer.nesterov)
-    lf = lr_lambda(hyp.lrf, cfg.epochs, cfg.cos_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model) if main else None
-    start_epoch, best_fitness = 0, 0.0
-    if resume_ckpt is not None:
-        if resume_ckpt.optimizer:
-            optimizer.load_state_dict(resume_ckpt.optimizer)
-        if ema is not None and resume_ckpt.ema_state_dict:
-            load_state_strict(ema.ema, resume_ckpt.ema_state_dict, rplan.path)
-            ema.updates = int(resume_ckpt.updates or 0)
-        best_fitness = float(resume_ckpt.best_fitness or 0.0)
-        best_fitness = best_fitness if math.isfinite(best_fitness) else 0.0
-        start_epoch = rplan.start_epoch
-    scheduler.last_epoch = start_epoch - 1
-
-    # ---- loaders (the label cache is written once per machine; rank 0 alone validates) -------------------------
-    hyp_dict = to_plain(hyp)
-    with distributed.local_main_first(info):
-        train_loader, dataset = create_dataloader(
-            data.train, imgsz, batch_size, gs, hyp=hyp_dict, augment=True, rect=cfg.rect, workers=cfg.workers,
-            shuffle=not cfg.rect, seed=cfg.seed, cache=cfg.cache, image_weights=cfg.image_weights,
-            single_cls=cfg.single_cls, nc=data.nc, prefix="train: ", rank=info.rank, world_size=info.world_size)
-    max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
-    if max_label >= nc:
-        raise ValueError(f"label class {max_label} exceeds nc={nc} in {cfg.data}")
-    val_loader = None
-    if main:
-        val_loader, _ = create_dataloader(
-            data.val, imgsz, batch_size // info.world_size * 2, gs, hyp=hyp_dict, augment=False, rect=True,
-            pad=0.5, workers=cfg.workers * 2, shuffle=False, seed=cfg.seed, cache=None if cfg.noval else cfg.cache,
-            single_cls=cfg.single_cls, nc=data.nc, prefix="val: ")
-
-    if main and resume_ckpt is None:
-        if not cfg.noautoanchor:
-            from yolo.autoanchor import check_anchors
-            check_anchors(dataset, model, thr=hyp.anchor_t, imgsz=imgsz, rng=np.random.default_rng(cfg.seed))
-        model.half().float()  # pre-reduce anchor precision, as upstream does
-        ema = ModelEMA(model)
-    if main and not cfg.noplots and resume_ckpt is None:
-        _plot_labels_background(dataset, names, save_dir)
-
-    # ---- loss gains and model attributes; DDP copies rank 0's weights and anchors to every process -------------
-    nl = model.detect.nl
-    loss_hyp = scale_loss_gains(hyp_dict, nl, nc, imgsz, label_smoothing=cfg.label_smoothing)
-    model.nc, model.names, model.hyp = nc, names, loss_hyp
-    model.class_weights = _class_weights(dataset.labels, nc).to(device) * nc
-    net = model
-    model = distributed.wrap_model(model, device, info, sync_bn=cfg.sync_bn)
-    compute_loss = ComputeLoss(model, loss_hyp)
-
-    # ---- tracking and callbacks (rank 0) -----------------------------------------------------------------------
-    tracking = _Tracking(cfg, save_dir, rplan.mlflow_run_id if rplan else None, enabled=main)
-    csv_path = save_dir / "results.csv"
-    if main:
-        results_csv.truncate(csv_path, start_epoch)
-        callbacks.fire("on_train_start", SimpleNamespace(save_dir=save_dir, epochs=cfg.epochs, start_epoch=start_epoch,
-                                                         nc=nc, names=names, imgsz=imgsz, cfg=cfg,
-                                                         resumed=resume_ckpt is not None))
-    trace = TrainTrace.from_env(info, dataset.im_files)
-    if trace is not None:
-        trace.weights("start", model)
-
-    nb = len(train_loader)
-    nw = warmup_iterations(hyp.warmup_epochs, nb)
-    last_opt_step = -1
-    maps = np.zeros(nc)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    stopper = EarlyStopping(cfg.patience)
-    stopper.best_fitness = best_fitness
-    results = TrainResults(save_dir=str(save_dir), best_fitness=best_fitness, mlflow_run_id=tracking.run_id)
-    val_res = None
-    log.info(f"Image sizes {imgsz} train, {imgsz} val\nUsing {getattr(train_loader, 'num_workers', 0)} dataloader "
-             f"workers\nLogging results to {save_dir}\nStarting training for {cfg.epochs} epochs...")
-
-    epoch = start_epoch - 1
-    stopped_by: StopTraining | None = None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            if cfg.image_weights:
-                cw = net.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
-                dataset.update_image_weights(cw)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            mloss = torch.zeros(3, device=device)
-            log.info(PROGRESS_HEADER)
-            pbar = tqdm(enumerate(train_loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}", disable=not main)
-            t_epoch = time.perf_counter()
-            optimizer.zero_grad()
-            for i, (imgs, targets, paths, _) in pbar:
-                ni = i + nb * epoch
-                if trace is not None:
-                    trace.batch(epoch, paths)
-                imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                imgs = imgs.float() / 255
-                if ni <= nw:
-                    accumulate = apply_warmup(optimizer, ni, nw, lf(epoch), hyp, batch_size)
-                if cfg.multi_scale:
-                    imgs = _multi_scale(imgs, imgsz, gs, py_rng)
-                step_now = ni - last_opt_step >= accumulate
-                with distributed.gradient_sync(model, step_now):
-                    with torch.autocast(device_type=device.type, enabled=use_amp):
-                        pred = model(imgs)
-                        loss, loss_items = compute_loss(pred, targets.to(device))
-                    if not bool(torch.isfinite(loss).all()):
-                        raise TrainingDiverged(_diverged(loss, epoch, i, last))
-                    # DDP averages gradients over the processes; scaling restores the sum over the global batch
-                    scaler.scale(loss * info.world_size).backward()
-                if step_now:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad()
-                    if ema is not None:
-                        ema.update(model)
-                    if trace is not None and last_opt_step < 0:
-                        trace.weights("first_step", model)
-                    last_opt_step = ni
-                mloss = (mloss * i + loss_items) / (i + 1)
-                if main:
-                    mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
-                    pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                        f"{epoch}/{cfg.epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
-                    if ni < 3 and not cfg.noplots and epoch == start_epoch:
-                        _plot_batch_background(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
-            lr = [g["lr"] for g in optimizer.param_groups]
-            scheduler.step()
-            epoch_train_s = time.perf_counter() - t_epoch
-            if trace is not None:
-                trace.weights(f"epoch{epoch}", model)
-
-            # ---- end of epoch (rank 0): validate, record, save; then every process learns whether to stop -----
-            verdict: _Stop | None = None  # rank 0's decision to stop after this epoch
-            if main:
-                ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
-                final_epoch = (epoch + 1 == cfg.epochs) or stopper.possible_stop
-                if not cfg.noval or final_epoch:
-                    val_res = validate(ema.ema, val_loader, names, conf_thres=cfg.conf_thres,
-                                       iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
-                                       half=use_amp, compute_loss=compute_loss, plots=False)
-                    maps = val_res.maps
-                row = _epoch_row(mloss, val_res, lr)
-                fi = float(val_res.fitness) if val_res is not None else 0.0
-                stop = stopper(epoch=epoch, fitness=fi)
-                if fi > best_fitness:
-                    best_fitness = fi
-                results_csv.append_row(csv_path, epoch, row)
-                metrics = {**row, "fitness": fi, "best_fitness": best_fitness, "time/epoch_train_s": epoch_train_s}
-                results.history.append({"epoch": epoch, **metrics})
-                tracking.log_metrics(metrics, step=epoch)
-
-                if not cfg.nosave or final_epoch:
-                    extra = {"mlflow_run_id": tracking.run_id, "run_id": run_id}
-                    common = dict(model=model, ema=ema.ema, optimizer=optimizer, epoch=epoch,
-                                  best_fitness=best_fitness, updates=ema.updates, config=to_plain(cfg), extra=extra)
-                    save_checkpoint(last, **common)
-                    if best_fitness == fi:
-                        save_checkpoint(best, **common)
-                    if cfg.save_period > 0 and epoch % cfg.save_period == 0:
-                        save_checkpoint(wdir / f"epoch{epoch}.pt", **common)
-                try:
-                    callbacks.fire("on_fit_epoch_end", SimpleNamespace(epoch=epoch, metrics=metrics,
-                                                                       best_fitness=best_fitness, save_dir=save_dir))
-                except StopTraining as e:
-                    verdict = _Stop(str(e), e.pruned, by_callback=True)
-                if verdict is None and stop:
-                    verdict = _Stop("early stopping", pruned=False, by_callback=False)
-            verdict = distributed.broadcast(verdict, info)
-            results.epochs_completed = epoch + 1
-            if verdict is not None:
-                results.stopped_early = True
-                if verdict.by_callback:
-                    stopped_by = StopTraining(verdict.reason, pruned=verdict.pruned)
-                break
-    except BaseException:
-        tracking.end(status="FAILED")
-        raise
-
-    if main:
-        if stopped_by is not None:
-            _stopped_by_callback(results, stopped_by, epoch, tracking, val_res, best_fitness, last, best)
-        else:
-            _finish(cfg, results, tracking, callbacks, save_dir, val_loader, val_res, best_fitness, names, device,
-                    use_amp, compute_loss, t_start, start_epoch)
-    return TrainResults(**distributed.broadcast(results.as_dict(), info))
-
-
-def _diverged(loss: torch.Tensor, epoch: int, batch: int, last: Path) -> str:
-    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-    return (f"training diverged: the loss is {float(loss.detach().float().sum())} at epoch {epoch}, batch {batch}; "
-            f"stopped, {kept} (try a lower hyp.lr0 or hyp.warmup_bias_lr)")
-
-
-def _stopped_by_callback(results: TrainResults, e: StopTraining, epoch: int, tracking: _Tracking, val_res,
-                         best_fitness: float, last: Path, best: Path) -> None:
-    """A callback ended the run (e.g. evolution's pruner): no stripping, no final validation."""
-    results.pruned = e.pruned
-    log.info(f"Training stopped after epoch {epoch}: {e}")
-    tracking.end(status="KILLED" if e.pruned else "FINISHED")
-    _fill_results(results, val_res, best_fitness, last, best)
-
-
-def _finish(cfg, results: TrainResults, tracking: _Tracking, callbacks: CallbackList, save_dir: Path, val_loader,
-            val_res, best_fitness: float, names, device, use_amp: bool, compute_loss, t_start: float,
-            start_epoch: int) -> None:
-    """End of training (rank 0): strip optimizers, validate ``best.pt``, plot, upload artifacts, end the run."""
-    from yolo.checkpoint import load_model, strip_optimizer
-    from yolo.val import validate
-
-    last, best = save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt"
-    csv_path = save_dir / "results.csv"
-    log.info(f"\n{cfg.epochs - start_epoch} epochs completed in {(time.time() - t_start) / 3600:.3f} hours.")
-    for f in (last, best):
-        if f.exists():
-            strip_optimizer(f)
-    if best.exists() and not cfg.noval:
-        best_model, _ = load_model(best, fuse=True)
-        best_model.to(device, memory_format=torch.channels_last)
-        log.info(f"\nValidating {best}...")
-        val_res = validate(best_model, val_loader, names, conf_thres=cfg.conf_thres, iou_thres=cfg.iou_thres,
-                           max_det=cfg.max_det, single_cls=cfg.single_cls, half=use_amp,
-                           compute_loss=compute_loss, save_dir=save_dir, plots=not cfg.noplots, verbose=True)
-        for line in val_res.table:
-            log.info(line)
-    _fill_results(results, val_res, best_fitness, last, best)
-    if not cfg.noplots:
-        _plot_results(csv_path, save_dir)
-    _log_artifacts(tracking, save_dir, best if cfg.mlflow.log_weights else None)
-    tracking.end(status="FINISHED")
-    results.mlflow_run_id = tracking.run_id
-    log.info(f"Results saved to {save_dir}\n  weights: {last} and {best}\n  metrics: {csv_path}"
-             + (f"\n  MLflow run: {tracking.run_id}" if tracking.run_id else ""))
-    callbacks.fire("on_train_end", SimpleNamespace(results=results, status="FINISHED", save_dir=save_dir))
-
-
-def _fill_results(results: TrainResults, val_res, best_fitness: float, last: Path, best: Path) -> None:
-    if val_res is not None:
-        results.precision, results.recall, results.map50, results.map = val_res.metrics
-        results.val_losses = tuple(val_res.losses)
-        results.fitness = float(val_res.fitness)
-    results.best_fitness = float(best_fitness)
-    results.last = str(last) if last.exists() else None
-    results.best = str(best) if best.exists() else None
-
-
-def _epoch_row(mloss: torch.Tensor, val_res, lr: list[float]) -> dict[str, float]:
-    vals = list(mloss.cpu().tolist())
-    if val_res is not None:
-        vals += list(val_res.metrics) + list(val_res.losses)
-    else:
-        vals += [0.0] * 7
-    vals += list(lr)
-    return results_csv.columns_for(vals)
-
-
-def _multi_scale(imgs: torch.Tensor, imgsz: int, gs: int, rng: random.Random) -> torch.Tensor:
-    size = rng.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
-    sf = size / max(imgs.shape[2:])
-    if sf != 1:
-        ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
-        imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
-    return imgs
-
-
-def _class_weights(labels, nc: int) -> torch.Tensor:
+def class_weights(labels, nc: int) -> torch.Tensor:
     """Inverse class frequency, normalised (upstream's labels_to_class_weights)."""
-    if not len(labels):
-        return torch.ones(nc) / nc
     present = [lb[:, 0] for lb in labels if len(lb)]
-    classes = np.concatenate(present, 0).astype(int) if present else np.zeros(0, int)
-    weights = np.bincount(classes, minlength=nc).astype(float)
+    if not present:
+        return torch.ones(nc) / nc
+    weights = np.bincount(np.concatenate(present, 0).astype(int), minlength=nc).astype(float)
     weights[weights == 0] = 1
     weights = 1 / weights
-    weights /= weights.sum()
-    return torch.from_numpy(weights).float()
+    return torch.from_numpy(weights / weights.sum()).float()
 
 
-def _plot_labels_background(dataset, names, save_dir: Path) -> None:
-    try:
-        from yolo.data.plots import plot_labels, run_in_background
-
-        present = [lb for lb in dataset.labels if len(lb)]
-        labels = np.concatenate(present, 0) if present else np.zeros((0, 5))
-        run_in_background(plot_labels, labels, names, save_dir / "labels.jpg")
-    except Exception as e:
-        log.warning(f"WARNING: labels plot failed: {e}")
+def epoch_row(mloss: torch.Tensor, val_res, lr: list[float]) -> dict[str, float]:
+    """One ``results.csv`` row: train losses, val metrics and losses (zeros when not validated), learning rates."""
+    vals = list(mloss.cpu().tolist())
+    vals += list(val_res.metrics) + list(val_res.losses) if val_res is not None else [0.0] * 7
+    return results_csv.columns_for(vals + list(lr))
 
 
-def _plot_batch_background(imgs, targets, paths, path: Path, names) -> None:
-    try:
-        from yolo.data.plots import plot_images, run_in_background
+class Trainer:
+    """One training run. Read by callbacks (see :mod:`yolo.engine.callbacks` for what each event carries)."""
 
-        run_in_background(plot_images, (imgs.detach().cpu() * 255).to(torch.uint8), targets.cpu(), list(paths),
-                          path, names)
-    except Exception as e:
-        log.warning(f"WARNING: batch plot failed: {e}")
+    def __init__(self, cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None):
+        self.info = DistInfo.from_env()
+        self.main = self.info.is_main
+        self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
+        self.requested_dir = save_dir
+        self.t_start = time.time()
+        self.resume_plan = self._resume_plan(cfg)
+        self.cfg = self.resume_plan.cfg if self.resume_plan is not None else cfg
+        self.resumed = self.resume_plan is not None
+        self.ckpt_extra: dict[str, Any] = {}  # callbacks may add to what every checkpoint records
+        self.results = TrainResults()
+        self.epoch = self.start_epoch = 0
+        self.metrics: dict[str, float] = {}
+        self.val_res = None
+        self.best_fitness = 0.0
+        self.status = "RUNNING"
+        self._hold: run_dir.RunHold | None = None
 
+    # ---- events ------------------------------------------------------------------------------------------------
+    def fire(self, event: str, everywhere: bool = False) -> None:
+        """Fire ``event`` on rank 0 (or, with ``everywhere``, in every process)."""
+        if self.main or everywhere:
+            self.callbacks.fire(event, self)
 
-def _plot_results(csv_path: Path, save_dir: Path) -> None:
-    try:
-        from yolo.plots import plot_results
+    @property
+    def epochs(self) -> int:
+        return self.cfg.epochs
 
-        plot_results(csv_path, save_dir / "results.png")
-    except Exception as e:
-        log.warning(f"WARNING: results plot failed: {e}")
+    @property
+    def save_dir_str(self) -> str:
+        return str(self.save_dir)
 
+    # ---- setup -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _resume_plan(cfg) -> resume.ResumePlan | None:
+        p = resume.plan(cfg, resume.command_keys())
+        if p is None:
+            return None
+        p.cfg.device = cfg.device  # under torchrun the process group is already on the caller's device
+        where = p.run_dir if p.run_dir is not None else "a new run folder (the checkpoint is not in its run's folder)"
+        log.info(f"Resuming training from {p.path} (epoch {p.start_epoch} of {p.cfg.epochs}) into {where}")
+        if not p.has_epochs_left:
+            log.info(f"{p.path} has trained all {p.cfg.epochs} epochs; finishing the run (strip, final validation)")
+        return p
 
-def _log_artifacts(tracking: _Tracking, save_dir: Path, best: Path | None) -> None:
-    for name in ("config.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "confusion_matrix.png",
-                 "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
-        if (save_dir / name).exists():
-            tracking.log_artifact(save_dir / name)
-    hydra_dir = save_dir / ".hydra"
-    if hydra_dir.is_dir():
-        tracking.log_artifacts(hydra_dir, artifact_path="hydra")
-    if best is not None and best.exists():
-        tracking.log_artifact(best, artifact_path="weights")
+    def setup(self) -> None:
+        cfg = self.cfg
+        distributed.check_config(cfg, self.info)
+        self.device = distributed.setup(cfg.device, self.info)
+        self._open_run_dir()
+        init_seeds(cfg.seed + 1, deterministic=cfg.deterministic)
+        self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        self.py_rng = random.Random(cfg.seed)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_loaders()
+        self._setup_loss()
+
+    def _open_run_dir(self) -> None:
+        """The run folder, held for this run (rank 0): the resumed run's own, the caller's, Hydra's, or a fresh
+        ``project/name{N}``; under DDP always rank 0's."""
+        cfg, p = self.cfg, self.resume_plan
+        save_dir, self.run_id = self.requested_dir, None
+        if self.main:
+            if p is not None and p.run_dir is not None:
+                folder, run_id, exist_ok = p.run_dir, p.run_id, True
+            else:
+                folder = Path(save_dir or hydra_output_dir() or run_dir.claim_fresh(Path(cfg.project) / cfg.name))
+                run_id, exist_ok = None, bool(cfg.exist_ok) or save_dir is not None  # a caller owns what it names
+            self.run_id, self._hold = run_dir.open_run(folder, run_id, exist_ok=exist_ok)
+            save_dir = folder
+        self.save_dir = distributed.shared_path(Path(save_dir) if save_dir else None, self.info)
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.csv_path = self.save_dir / "results.csv"
+        if self.main:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.save_dir, self.wdir):
+                remove_stale_temps(folder)  # what a save killed half-way left behind
+            atomic_write_text(self.save_dir / "hyp.yaml", OmegaConf.to_yaml(cfg.hyp, resolve=True))
+            atomic_write_text(self.save_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        with distributed.local_main_first(self.info):  # one process per machine downloads or generates it
+            self.data = load_data_config(data_source(cfg.data), cfg.datasets_dir)
+            ensure_dataset(self.data)
+        self.nc = 1 if cfg.single_cls else self.data.nc
+        self.names = ["item"] if cfg.single_cls and len(self.data.names) != 1 else list(self.data.names)
+        if self.resume_plan is not None:
+            resume.check_data_matches(self.resume_plan, self.nc, self.names)
+
+    def _setup_model(self) -> None:
+        cfg, hyp, rp = self.cfg, self.cfg.hyp, self.resume_plan
+        ckpt = rp.ckpt if rp is not None else (load_checkpoint(cfg.weights) if cfg.weights else None)
+        model_cfg = to_plain(cfg.model) if cfg.model is not None else None
+        if model_cfg is None:
+            if ckpt is None:
+                raise ConfigError("model: none chosen; choose model=yolov5n|s|m|l|x or give weights=path/to/ckpt.pt")
+            model_cfg = dict(ckpt.model_yaml)
+        if hyp.anchors:
+            model_cfg["anchors"] = int(round(hyp.anchors))
+        # NHWC (channels_last) convolutions are markedly faster on CPU (oneDNN) and on recent GPUs
+        model = build_model(model_cfg, nc=self.nc).to(self.device, memory_format=torch.channels_last)
+        if rp is not None:  # a resume restores everything, and only into its own architecture
+            load_state_strict(model, rp.ckpt.state_dict, rp.path)
+        elif ckpt is not None:  # a chosen architecture or anchor count brings its own anchors (upstream's rule)
+            exclude = ["anchor"] if (cfg.model is not None or hyp.anchors) else []
+            transfer_weights(model, ckpt.state_dict, exclude=exclude, source=cfg.weights)
+        if cfg.freeze:
+            frozen = freeze_layers(model, list(cfg.freeze))
+            log.info(f"Freezing {len(frozen)} parameter tensors of layers {list(cfg.freeze)}")
+        self.model = model
+        self.gs = max(int(model.stride.max()), 32)
+        self.imgsz = check_img_size(cfg.imgsz, self.gs, floor=self.gs * 2)
+        self.batch_size = cfg.batch_size  # the global batch: DDP processes take batch_size / WORLD_SIZE each
+
+    def _setup_optimizer(self) -> None:
+        cfg, hyp, rp = self.cfg, self.cfg.hyp, self.resume_plan
+        self.optimizer = build_optimizer(self.model, cfg.optimizer.name, hyp.lr0, hyp.momentum,
+                                         scaled_weight_decay(hyp.weight_decay, self.batch_size),
+                                         cfg.optimizer.nesterov)
+        self.lf = lr_lambda(hyp.lrf, cfg.epochs, cfg.cos_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.ema = ModelEMA(self.model) if self.main else None
+        if rp is not None:
+            if rp.ckpt.optimizer:
+                self.optimizer.load_state_dict(rp.ckpt.optimizer)
+            if self.ema is not None and rp.ckpt.ema_state_dict:
+                load_state_strict(self.ema.ema, rp.ckpt.ema_state_dict, rp.path)
+                self.ema.updates = int(rp.ckpt.updates or 0)
+            best = float(rp.ckpt.best_fitness or 0.0)
+            self.best_fitness = best if math.isfinite(best) else 0.0
+            self.start_epoch = rp.start_epoch
+        self.scheduler.last_epoch = self.start_epoch - 1
+
+    def _setup_loaders(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.hyp_dict = to_plain(cfg.hyp)
+        with distributed.local_main_first(info):  # the label cache is written once per machine
+            self.train_loader, self.dataset = create_dataloader(
+                self.data.train, self.imgsz, self.batch_size, self.gs, hyp=self.hyp_dict, augment=True,
+                rect=cfg.rect, workers=cfg.workers, shuffle=not cfg.rect, seed=cfg.seed, cache=cfg.cache,
+                image_weights=cfg.image_weights, single_cls=cfg.single_cls, nc=self.data.nc, prefix="train: ",
+                rank=info.rank, world_size=info.world_size)
+        max_label = max((int(lb[:, 0].max()) for lb in self.dataset.labels if len(lb)), default=-1)
+        if max_label >= self.nc:
+            raise ConfigError(f"data: label class {max_label} exceeds nc={self.nc} of the dataset")
+        self.val_loader = None
+        if self.main:  # rank 0 alone validates
+            self.val_loader, _ = create_dataloader(
+                self.data.val, self.imgsz, self.batch_size // info.world_size * 2, self.gs, hyp=self.hyp_dict,
+                augment=False, rect=True, pad=0.5, workers=cfg.workers * 2, shuffle=False, seed=cfg.seed,
+                cache=None if cfg.noval else cfg.cache, single_cls=cfg.single_cls, nc=self.data.nc,
+                prefix="val: ")
+
+    def _setup_loss(self) -> None:
+        cfg, model = self.cfg, self.model
+        if self.main and not self.resumed:
+            if not cfg.noautoanchor:
+                check_anchors(self.dataset, model, thr=cfg.hyp.anchor_t, imgsz=self.imgsz,
+                              rng=np.random.default_rng(cfg.seed))
+            model.half().float()  # pre-reduce anchor precision, as upstream does
+            self.ema = ModelEMA(model)
+        loss_hyp = scale_loss_gains(self.hyp_dict, model.detect.nl, self.nc, self.imgsz,
+                                    label_smoothing=cfg.label_smoothing)
+        model.nc, model.names, model.hyp = self.nc, self.names, loss_hyp
+        model.class_weights = class_weights(self.dataset.labels, self.nc).to(self.device) * self.nc
+        self.net = model  # the bare model (DDP wraps it below)
+        self.model = distributed.wrap_model(model, self.device, self.info, sync_bn=cfg.sync_bn)
+        self.compute_loss = ComputeLoss(self.model, loss_hyp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.stepper = Stepper(self.model, self.optimizer, self.scaler, self.ema, self.info.world_size,
+                               accumulate_steps(self.batch_size))
+        self.nw = warmup_iterations(cfg.hyp.warmup_epochs, len(self.train_loader))
+        self.stopper = EarlyStopping(cfg.patience)
+        self.stopper.best_fitness = self.best_fitness
+        self.maps = np.zeros(self.nc)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResults:
+        try:
+            self.setup()
+            if self.main:
+                results_csv.truncate(self.csv_path, self.start_epoch)
+            self.results = TrainResults(save_dir=str(self.save_dir), best_fitness=self.best_fitness)
+            self.fire("on_train_start")
+            log.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\nUsing "
+                     f"{getattr(self.train_loader, 'num_workers', 0)} dataloader workers\nLogging results to "
+                     f"{self.save_dir}\nStarting training for {self.cfg.epochs} epochs...")
+            stop = self._epochs()
+            if self.main:
+                self._finish(stop)
+            return TrainResults(**distributed.broadcast(self.results.as_dict(), self.info))
+        except BaseException:
+            if self.status == "RUNNING":
+                self.status = "FAILED"
+                self._fire_end_safely()
+            raise
+        finally:
+            if self._hold is not None:
+                self._hold.release()
+
+    def _epochs(self) -> _Stop | None:
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            self.epoch = epoch
+            self.train_epoch()
+            verdict = self.end_epoch() if self.main else None
+            verdict = distributed.broadcast(verdict, self.info)
+            self.results.epochs_completed = epoch + 1
+            if verdict is not None:
+                self.results.stopped_early = True
+                return verdict
+        return None
+
+    def train_epoch(self) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        if cfg.image_weights:
+            cw = self.net.class_weights.cpu().numpy() * (1 - self.maps) ** 2 / self.nc
+            self.dataset.update_image_weights(cw)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.fire("on_train_epoch_start", everywhere=True)
+        log.info(PROGRESS_HEADER)
+        t0 = time.perf_counter()
+        self.mloss = train_one_epoch(
+            self.model, self.train_loader, self.compute_loss, self.stepper, self.device, epoch, cfg.epochs,
+            warmup=self._warmup, resize=self._resize if cfg.multi_scale else None, amp=self.amp,
+            on_batch=self._on_batch, show=self.main, last_checkpoint=self.last)
+        self.lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.scheduler.step()
+        self.epoch_train_s = time.perf_counter() - t0
+        self.fire("on_train_epoch_end", everywhere=True)
+
+    def _warmup(self, ni: int, epoch: int) -> int | None:
+        if ni > self.nw:
+            return None
+        return apply_warmup(self.optimizer, ni, self.nw, self.lf(epoch), self.cfg.hyp, self.batch_size)
+
+    def _resize(self, imgs: torch.Tensor) -> torch.Tensor:
+        return multi_scale(imgs, self.imgsz, self.gs, self.py_rng)
+
+    def _on_batch(self, i: int, batch: tuple) -> None:
+        self.batch_index, self.batch = i, batch
+        self.batches_per_epoch = len(self.train_loader)
+        self.fire("on_train_batch_end", everywhere=True)
+
+    def validate(self, final_epoch: bool) -> None:
+        """Score the EMA model on the val split (every epoch, or only the last with ``noval``)."""
+        cfg = self.cfg
+        self.ema.update_attr(self.model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+        if not cfg.noval or final_epoch:
+            self.val_res = validate(self.ema.ema, self.val_loader, self.names, conf_thres=cfg.conf_thres,
+                                    iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
+                                    half=self.amp, compute_loss=self.compute_loss, plots=False)
+            self.maps = self.val_res.maps
+
+    def end_epoch(self) -> _Stop | None:
+        """Rank 0: validate, record the epoch, save checkpoints, ask callbacks and early stopping whether to stop."""
+        cfg, epoch = self.cfg, self.epoch
+        final_epoch = (epoch + 1 == cfg.epochs) or self.stopper.possible_stop
+        self.validate(final_epoch)
+        row = epoch_row(self.mloss, self.val_res, self.lr)
+        fi = float(self.val_res.fitness) if self.val_res is not None else 0.0
+        stop = self.stopper(epoch=epoch, fitness=fi)
+        self.best_fitness = max(self.best_fitness, fi)
+        results_csv.append_row(self.csv_path, epoch, row)
+        self.fitness = fi
+        self.metrics = {**row, "fitness": fi, "best_fitness": self.best_fitness,
+                        "time/epoch_train_s": self.epoch_train_s}
+        self.results.history.append({"epoch": epoch, **self.metrics})
+        if not cfg.nosave or final_epoch:
+            self.save_checkpoints(fi)
+        try:
+            self.fire("on_fit_epoch_end")
+        except StopTraining as e:
+            return _Stop(str(e), e.pruned, by_callback=True)
+        return _Stop("early stopping", pruned=False, by_callback=False) if stop else None
+
+    def save_checkpoints(self, fi: float) -> None:
+        cfg, epoch = self.cfg, self.epoch
+        common = dict(model=self.model, ema=self.ema.ema, optimizer=self.optimizer, epoch=epoch,
+                      best_fitness=self.best_fitness, updates=self.ema.updates, config=to_plain(cfg),
+                      extra={**self.ckpt_extra, "run_id": self.run_id})
+        self.saved = [save_checkpoint(self.last, **common)]
+        if self.best_fitness == fi:
+            self.saved.append(save_checkpoint(self.best, **common))
+        if cfg.save_period > 0 and epoch % cfg.save_period == 0:
+            self.saved.append(save_checkpoint(self.wdir / f"epoch{epoch}.pt", **common))
+        self.fire("on_model_save")
+
+    # ---- the end -----------------------------------------------------------------------------------------------
+    def _finish(self, stop: _Stop | None) -> None:
+        if stop is not None and stop.by_callback:
+            log.info(f"Training stopped after epoch {self.epoch}: {stop.reason}")
+            self.results.pruned = stop.pruned
+            self.status = "KILLED" if stop.pruned else "STOPPED"
+        else:
+            self.finish()
+            self.status = "FINISHED"
+        self._fill_results()
+        self.fire("on_train_end")
+        log.info(f"Results saved to {self.save_dir}\n  weights: {self.last} and {self.best}\n  metrics: "
+                 f"{self.csv_path}" + (f"\n  MLflow run: {self.results.mlflow_run_id}"
+                                       if self.results.mlflow_run_id else ""))
+
+    def finish(self) -> None:
+        """End of training (rank 0): strip optimizers, validate ``best.pt`` with plots and the per-class table."""
+        cfg = self.cfg
+        log.info(f"\n{cfg.epochs - self.start_epoch} epochs completed in "
+                 f"{(time.time() - self.t_start) / 3600:.3f} hours.")
+        for f in (self.last, self.best):
+            if f.exists():
+                strip_optimizer(f)
+        if self.best.exists() and not cfg.noval:
+            best_model, _ = load_model(self.best, fuse=True)
+            best_model.to(self.device, memory_format=torch.channels_last)
+            log.info(f"\nValidating {self.best}...")
+            self.val_res = validate(best_model, self.val_loader, self.names, conf_thres=cfg.conf_thres,
+                                    iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
+                                    half=self.amp, compute_loss=self.compute_loss, save_dir=self.save_dir,
+                                    plots=not cfg.noplots, verbose=True)
+            for line in self.val_res.table:
+                log.info(line)
+
+    def _fill_results(self) -> None:
+        r, v = self.results, self.val_res
+        if v is not None:
+            r.precision, r.recall, r.map50, r.map = v.metrics
+            r.val_losses = tuple(v.losses)
+            r.fitness = float(v.fitness)
+        r.best_fitness = float(self.best_fitness)
+        r.last = str(self.last) if self.last.exists() else None
+        r.best = str(self.best) if self.best.exists() else None
+
+    def _fire_end_safely(self) -> None:
+        """A failed run still tells its callbacks (rank 0), without hiding the original error."""
+        try:
+            if self.main and hasattr(self, "save_dir"):
+                self.fire("on_train_end")
+        except Exception as e:
+            log.warning(f"WARNING: a callback failed while the run was failing: {e}")

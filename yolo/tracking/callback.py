@@ -1,0 +1,64 @@
+"""MLflow as a trainer callback: one MLflow run per training, params at the start, metrics every epoch,
+artifacts and the final status at the end. Tracking never stops a run: any MLflow failure is one warning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from yolo.tracking.training import start_training_run
+from yolo.utils.redact import redact_text
+
+log = logging.getLogger("yolo")
+
+ARTIFACTS = ("config.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "confusion_matrix.png",
+             "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png")
+END_STATUS = {"FINISHED": "FINISHED", "STOPPED": "FINISHED", "KILLED": "KILLED", "FAILED": "FAILED"}
+
+
+class MlflowCallback:
+    """Attached by :func:`yolo.train.train` when ``mlflow.enabled``; fired on rank 0 only."""
+
+    def __init__(self) -> None:
+        self.tracker = None
+
+    def _call(self, what: str, *args, **kwargs) -> Any:
+        if self.tracker is None:
+            return None
+        try:
+            return getattr(self.tracker, what)(*args, **kwargs)
+        except Exception as e:  # tracking must never kill a run
+            log.warning(redact_text(f"WARNING: MLflow {what} failed: {e}"))
+            return None
+
+    def on_train_start(self, trainer: Any) -> None:
+        plan = trainer.resume_plan
+        try:
+            self.tracker = start_training_run(trainer.cfg, trainer.save_dir, plan.mlflow_run_id if plan else None)
+        except Exception as e:
+            log.warning(redact_text(f"WARNING: MLflow tracking disabled: {e}"))
+            self.tracker = None
+        run_id = getattr(self.tracker, "run_id", None) if self.tracker is not None else None
+        trainer.results.mlflow_run_id = run_id
+        trainer.ckpt_extra["mlflow_run_id"] = run_id  # a resume continues this run
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        self._call("log_metrics", trainer.metrics, step=trainer.epoch)
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.tracker is None:
+            return
+        if trainer.status == "FINISHED":
+            self._log_artifacts(Path(trainer.save_dir), trainer.best if trainer.cfg.mlflow.log_weights else None)
+        self._call("end", status=END_STATUS.get(trainer.status, "FAILED"))
+        trainer.results.mlflow_run_id = getattr(self.tracker, "run_id", None)
+
+    def _log_artifacts(self, save_dir: Path, best: Path | None) -> None:
+        for name in ARTIFACTS:
+            if (save_dir / name).exists():
+                self._call("log_artifact", save_dir / name)
+        if (save_dir / ".hydra").is_dir():
+            self._call("log_artifacts", save_dir / ".hydra", artifact_path="hydra")
+        if best is not None and Path(best).exists():
+            self._call("log_artifact", best, artifact_path="weights")
