@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from yolo.engine.results_csv import read
 from yolo.metrics import smooth
 
 __all__ = ["plot_ap_curves", "plot_confusion_matrix", "plot_mc_curve", "plot_pr_curve"]
@@ -151,7 +152,6 @@ RESULTS_PANELS = (
 
 def plot_results(csv_path, save_path="results.png", dpi=200):
     """``results.png``: one panel per loss/metric column of ``results.csv`` against epoch (raw and smoothed)."""
-    from yolo.engine.results_csv import read
 
     rows = read(csv_path)
     if not rows:

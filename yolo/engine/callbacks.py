@@ -2,7 +2,9 @@
 
 The trainer fires named events and knows no integration: MLflow tracking, plots, evolution's pruning reports and
 the DDP trace are callbacks attached by whoever calls ``train(cfg, callbacks)``. A callback is any object with
-methods named after the events it wants (others are skipped); every hook takes the trainer, whose state it reads:
+methods named after the events it wants (others are skipped); every hook takes the
+:class:`yolo.engine.trainer.Trainer`, whose state it reads (and ``ckpt_extra``, a dict every checkpoint records,
+which it may add to):
 
 ======================  ====================================================================================
 event                   fired (on rank 0 only under DDP, except where said) / what the trainer then holds
@@ -17,8 +19,9 @@ event                   fired (on rank 0 only under DDP, except where said) / wh
                         names, plus ``fitness``, ``best_fitness``), ``best_fitness``; may raise
                         :class:`StopTraining`
 ``on_model_save``       checkpoints were written: ``epoch``, ``saved`` (the paths written)
-``on_train_end``        the run is over (finished, stopped or failed): ``results`` (a ``TrainResults``),
-                        ``status`` (``FINISHED``, ``KILLED`` for a pruned run, ``FAILED``)
+``on_train_end``        the run is over: ``results`` (a ``TrainResults``), ``status`` (``FINISHED``;
+                        ``STOPPED`` or ``KILLED`` when a callback stopped it, ``KILLED`` for a pruned run;
+                        ``FAILED`` when an error ends it, which is then raised)
 ======================  ====================================================================================
 
 A plain function is an ``on_fit_epoch_end`` listener called as ``fn(epoch, metrics)``.

@@ -37,9 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 from yolo.cli import exit_on_user_error
+from yolo.device import select_device
 from yolo.engine import resume, run_dir
 from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
+from yolo.tracking.hydra_job import sweep_dir
 
 log = logging.getLogger("yolo")
 
@@ -102,8 +104,6 @@ def check_config(cfg: Any, info: DistInfo) -> None:
 
 
 def _in_hydra_sweep() -> bool:
-    from yolo.tracking.hydra_job import sweep_dir
-
     return sweep_dir() is not None
 
 
@@ -117,8 +117,6 @@ def backend_for(device: torch.device) -> str:
 
 def process_device(device_spec: Any, info: DistInfo) -> torch.device:
     """The device this process trains on: ``cuda:LOCAL_RANK`` under DDP with ``device=auto``."""
-    from yolo.device import select_device
-
     return select_device(device_spec, local_rank=info.local_rank if info.enabled else None)
 
 
