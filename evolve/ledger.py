@@ -37,6 +37,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve import mutation
+from evolve.journal import SafeJournalFile
 from evolve.samplers import FULL_HYP_ATTR, HYP_ATTR, METRICS_ATTR
 from evolve.space import HYP_KEYS, SearchSpace
 
@@ -335,11 +336,7 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
     """
     kind, where = describe_storage(spec, out_dir)
     if kind == "journal":
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-        Path(where).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(where, lock_obj=JournalFileOpenLock(where)))
+        return optuna.storages.JournalStorage(SafeJournalFile(where))
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else None
