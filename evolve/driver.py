@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from evolve import ledger, mutation, samplers
+from evolve import beats, ledger, mutation, samplers
 from evolve.config import EvolveConfig
 from evolve.space import HYP_KEYS, build_space, csv_columns
 from yolo.tracking.names import generation_run_name
@@ -49,7 +48,6 @@ log = logging.getLogger("yolo.evolve")
 CONFIG_ATTR = "evolve:config"  # study user attr: the settings the study was created with
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr
 PRUNERS = ("none", "median", "hyperband")
-ORPHAN_GRACE_S = 120  # a RUNNING trial that never got an owner is stale after this long (journal storage)
 
 
 @dataclass
@@ -111,6 +109,8 @@ class _Setup:
         self.storage_kind, self.storage_where = ledger.describe_storage(ev.storage, self.out_dir)
         self.study_name = str(ev.study_name)
         self.lock = ledger.evolution_lock(self.out_dir, ev.storage, self.study_name)  # all machines, for an RDB
+        self.beats = (beats.JournalBeats(self.storage_where, ev.heartbeat_s, ev.heartbeat_grace_s)
+                      if self.storage_kind == "journal" else None)
         devices = [str(d) for d in (ev.devices or [])]
         self.device = devices[worker % len(devices)] if devices else str(cfg.device)
         full = OmegaConf.to_container(cfg, resolve=True)
@@ -258,26 +258,10 @@ def _over_budget(study: optuna.Study, number: int, generations: int) -> bool:
     return finished + ahead >= generations
 
 
-def _fail_orphans(study: optuna.Study, max_retries: int) -> None:
-    """Journal storages have no heartbeat: a RUNNING trial that never got an owner (its process died between
-    creating it and claiming it) is failed after a grace period."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    if is_heartbeat_enabled(study._storage):
-        return
-    now = datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if ledger.OWNER_ATTR in t.system_attrs or t.datetime_start is None:
-            continue
-        if (now - t.datetime_start).total_seconds() > ORPHAN_GRACE_S:
-            reason = "never claimed by a worker"
-            if ledger.mark_failed(study, t, reason):
-                ledger.retry_trial(study, study._storage.get_trial(t._trial_id), max_retries, reason=reason)
-
-
 def _recover(study: optuna.Study, setup: _Setup) -> None:
     failed = ledger.recover_stale_trials(study, setup.settings.max_retries)
-    _fail_orphans(study, setup.settings.max_retries)
+    if setup.beats is not None:
+        failed += beats.recover_silent_trials(study, setup.beats, setup.settings.max_retries)
     if failed:
         log.warning(f"WARNING: evolve: marked failed (worker gone): trials {failed}")
 
@@ -298,39 +282,6 @@ class PruningCallback:
         self.trial.report(float(value), step=int(epoch))
         if self.trial.should_prune():
             raise StopTraining(f"pruned after epoch {epoch} (fitness {float(value):.5g})", pruned=True)
-
-
-class _Heartbeat:
-    """Records the trial's heartbeat while it trains (RDB storages; a no-op for the journal file)."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        self.storage = study._storage
-        self.trial_id = trial._trial_id
-        self.enabled = is_heartbeat_enabled(self.storage)
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def _beat(self) -> None:
-        interval = self.storage.get_heartbeat_interval() or 60
-        while not self.stop.is_set():
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as e:  # a missed beat is not fatal
-                log.debug(f"heartbeat failed: {e}")
-            self.stop.wait(interval)
-
-    def __enter__(self) -> _Heartbeat:
-        if self.enabled:
-            self.thread = threading.Thread(target=self._beat, daemon=True, name="evolve-heartbeat")
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(5)
 
 
 def _finite(x: Any) -> float:
@@ -380,7 +331,7 @@ def run_trial(setup: _Setup, study: optuna.Study, trial: optuna.Trial, train_fn:
     try:
         from yolo.engine.callbacks import StopTraining
 
-        with _Heartbeat(study, trial):
+        with beats.Heartbeat(study, trial, setup.beats):
             try:
                 res = train_fn(cfg, callbacks=callbacks, save_dir=str(save_dir))
                 pruned = bool(getattr(res, "pruned", False))
@@ -448,6 +399,7 @@ def worker_loop(setup: _Setup, train_fn: Callable, study: optuna.Study | None = 
     parent_run_id = study.user_attrs.get(PARENT_ATTR) if setup.cfg.mlflow.enabled else None
     n_run, failures = 0, 0
     max_failures = max(1, int(setup.settings.max_consecutive_failures))
+    report = beats.WaitReport()
     while True:
         with setup.lock:
             _recover(study, setup)
@@ -461,8 +413,10 @@ def worker_loop(setup: _Setup, train_fn: Callable, study: optuna.Study | None = 
                     trial = study.ask()
                 study._storage.set_trial_system_attr(trial._trial_id, ledger.OWNER_ATTR, ledger.owner_info())
         if trial is None:  # the rest of the budget is being trained by other workers: wait for them
+            report.waiting(study, setup.beats)
             time.sleep(float(setup.settings.poll_s))
             continue
+        report.done()
         if _over_budget(study, trial.number, setup.generations):
             study._storage.set_trial_system_attr(trial._trial_id, ledger.SURPLUS_ATTR, True)
             _fail(study, trial, "started past the budget by a concurrent worker")

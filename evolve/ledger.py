@@ -326,6 +326,12 @@ def with_installed_driver(url: str) -> str:
     return url
 
 
+def grace_period(heartbeat_s: int, grace_s: int | None) -> tuple[int, int]:
+    """(heartbeat interval, grace) in seconds: the grace defaults to twice the interval, and exceeds it."""
+    heartbeat_s = max(1, int(heartbeat_s))
+    return heartbeat_s, (max(heartbeat_s + 1, int(grace_s)) if grace_s else 2 * heartbeat_s)
+
+
 def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: int = 60,
                  grace_s: int | None = None, max_retries: int = 1) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the evolution's storage; see :func:`describe_storage`.
@@ -343,8 +349,7 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
     if where.startswith("sqlite:///"):
         Path(where[len("sqlite:///"):].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
     where = with_installed_driver(where)
-    heartbeat_s = max(1, int(heartbeat_s))
-    grace_s = max(heartbeat_s + 1, int(grace_s)) if grace_s else 2 * heartbeat_s
+    heartbeat_s, grace_s = grace_period(heartbeat_s, grace_s)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:  # when Optuna's own fail_stale_trials runs
         retry_trial(study, trial, max_retries, reason="no heartbeat")
@@ -631,10 +636,10 @@ def owner_info(pid: int | None = None) -> dict[str, Any]:
 
 def owner_alive(owner: Mapping[str, Any] | None) -> bool | None:
     """Whether the process that owns a trial still runs: True/False on this machine, None when unknowable."""
-    if not owner or owner.get("host") != host_id():
+    if not isinstance(owner, Mapping) or owner.get("host") != host_id():
         return None
-    pid = int(owner.get("pid", -1))
-    if pid <= 0:
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
         return None
     try:
         os.kill(pid, 0)
@@ -716,10 +721,18 @@ def _running_without_heartbeat(storage: Any, study_id: int) -> list[int]:
         return []
 
 
+def describe_owner(owner: Any) -> str:
+    """``worker 4242 on node07`` (the host name without its boot and namespace ids), from untrusted data."""
+    if not isinstance(owner, Mapping) or not owner:
+        return "no worker recorded"
+    host = str(owner.get("host", "?")).split("/")[0][:64]
+    return f"worker {str(owner.get('pid'))[:20]} on {host}"
+
+
 def _stale_reason(trial: FrozenTrial, storage: Any) -> str:
     grace = getattr(_rdb_backend(storage), "grace_period", None)
     owner = trial.system_attrs.get(OWNER_ATTR) or {}
-    who = f"worker {owner.get('pid')} on {str(owner.get('host', '?')).split('/')[0]}" if owner else "its worker"
+    who = describe_owner(owner) if owner else "its worker"
     return f"no heartbeat for {grace}s: {who} is gone" if grace else f"no heartbeat: {who} is gone"
 
 
