@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve import ledger
-from yolo.utils.files import atomic_write_text
+from yolo.utils.files import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("yolo.evolve")
 
@@ -41,6 +41,7 @@ class JournalBeats:
         self.folder = journal.with_name(journal.name + ".beats")
         self.interval, self.grace = ledger.grace_period(heartbeat_s, grace_s)
         self._seen: dict[int, tuple[bytes | None, float]] = {}  # trial id -> (beat, when it was first seen)
+        remove_stale_temps(self.folder)  # of a worker killed while it wrote a beat
 
     def path(self, trial_id: int) -> Path:
         return self.folder / f"trial-{int(trial_id)}.json"

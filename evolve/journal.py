@@ -153,7 +153,8 @@ class SafeJournalFile(BaseJournalBackend):
             f"or start a new evolve.out_dir")
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
-        start = max(n for n in self._offsets if n <= log_number_from)
+        start = (log_number_from if log_number_from in self._offsets
+                 else max(n for n in self._offsets if n <= log_number_from))
         with open(self.path, "rb") as f:
             end = os.fstat(f.fileno()).st_size  # records appended while reading are left for the next read
             f.seek(self._offsets[start])

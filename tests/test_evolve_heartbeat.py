@@ -61,7 +61,7 @@ def test_rerun_after_a_host_change_fails_the_vanished_generation_within_the_grac
     driver.evolve(compose(overrides(out, 2)), train_fn=fake_train)
     _, startup = command(out, 2, timeout=300)  # nothing to train: what starting the command costs here
     t = foreign_running_trial(out)
-    grace = 3
+    grace = 3 + int(startup)  # the rerun must still be waiting after its own start (importing torch...)
     p, elapsed = command(out, 3, "evolve.heartbeat_s=1", f"evolve.heartbeat_grace_s={grace}", timeout=startup + 90)
     assert p.returncode == 0, p.stdout + p.stderr
     print(f"rerun {elapsed:.1f}s, of which starting the command {startup:.1f}s, grace {grace}s")
