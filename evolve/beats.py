@@ -24,7 +24,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evolve import ledger
+from evolve import optuna_internals as oi
+from evolve import recovery
+from evolve.storages import grace_period
 from yolo.utils.files import atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("yolo.evolve")
@@ -39,7 +41,7 @@ class JournalBeats:
     def __init__(self, journal: str | os.PathLike, heartbeat_s: int = 60, grace_s: int | None = None):
         journal = Path(journal)
         self.folder = journal.with_name(journal.name + ".beats")
-        self.interval, self.grace = ledger.grace_period(heartbeat_s, grace_s)
+        self.interval, self.grace = grace_period(heartbeat_s, grace_s)
         self._seen: dict[int, tuple[bytes | None, float]] = {}  # trial id -> (beat, when it was first seen)
         remove_stale_temps(self.folder)  # of a worker killed while it wrote a beat
 
@@ -47,7 +49,7 @@ class JournalBeats:
         return self.folder / f"trial-{int(trial_id)}.json"
 
     def beat(self, trial_id: int, seq: int) -> None:
-        record = {"trial_id": int(trial_id), "owner": ledger.owner_info(), "seq": int(seq), "time": time.time()}
+        record = {"trial_id": int(trial_id), "owner": recovery.owner_info(), "seq": int(seq), "time": time.time()}
         atomic_write_text(self.path(trial_id), json.dumps(record))
 
     def read(self, trial_id: int) -> bytes | None:
@@ -88,37 +90,37 @@ class JournalBeats:
 
 def recover_silent_trials(study: optuna.Study, beats: JournalBeats, max_retries: int) -> list[int]:
     """Fail (and queue again) the RUNNING trials silent past the grace whose owner cannot be seen alive from
-    here; returns their numbers. Owners seen dead are :func:`evolve.ledger.recover_stale_trials`' job. Call under
+    here; returns their numbers. Owners seen dead are :func:`evolve.recovery.recover_stale_trials`' job. Call under
     the evolution's lock, often: silence is measured between calls."""
     failed = []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    beats.keep_only({t._trial_id for t in running})
+    beats.keep_only({oi.trial_id(t) for t in running})
     for t in running:
-        owner = t.system_attrs.get(ledger.OWNER_ATTR)
-        if ledger.owner_alive(owner) is not None:
+        owner = t.system_attrs.get(recovery.OWNER_ATTR)
+        if recovery.owner_alive(owner) is not None:
             continue
-        if beats.silent_for(t._trial_id) <= beats.grace:
+        if beats.silent_for(oi.trial_id(t)) <= beats.grace:
             continue
-        reason = f"no heartbeat for {beats.grace}s: {ledger.describe_owner(owner)} is gone"
-        if ledger.mark_failed(study, t, reason):
+        reason = f"no heartbeat for {beats.grace}s: {recovery.describe_owner(owner)} is gone"
+        if recovery.mark_failed(study, t, reason):
             failed.append(t.number)
-            beats.remove(t._trial_id)
-            ledger.retry_trial(study, study._storage.get_trial(t._trial_id), max_retries, reason=reason)
+            beats.remove(oi.trial_id(t))
+            recovery.retry_trial(study, oi.frozen(study, t), max_retries, reason=reason)
     return failed
 
 
 def describe_running(trial: FrozenTrial, beats: JournalBeats | None) -> str:
     """``trial 3 (worker 4242 on node07, silent 35s of 120s)``: what a waiting worker waits for."""
-    owner = trial.system_attrs.get(ledger.OWNER_ATTR)
-    alive = ledger.owner_alive(owner)
+    owner = trial.system_attrs.get(recovery.OWNER_ATTR)
+    alive = recovery.owner_alive(owner)
     if alive is not None:
         state = "running here" if alive else "its process died"
     elif beats is not None:
-        state = f"silent {beats.seen_silent(trial._trial_id):.0f}s of {beats.grace}s"
+        state = f"silent {beats.seen_silent(oi.trial_id(trial)):.0f}s of {beats.grace}s"
     else:
         start = trial.datetime_start
         state = f"started {(datetime.now() - start).total_seconds():.0f}s ago" if start else "not started"
-    return f"trial {trial.number} ({ledger.describe_owner(owner)}, {state})"
+    return f"trial {trial.number} ({recovery.describe_owner(owner)}, {state})"
 
 
 class WaitReport:
@@ -145,12 +147,10 @@ class Heartbeat:
     """Records a trial's heartbeat while it trains: Optuna's for a database, a beat file for the journal."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, beats: JournalBeats | None):
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        self.storage = study._storage
-        self.trial_id = trial._trial_id
+        self.storage = oi.storage_of(study)
+        self.trial_id = oi.trial_id(trial)
         self.beats = beats
-        self.rdb = is_heartbeat_enabled(self.storage)
+        self.rdb = oi.heartbeat_enabled(study)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
