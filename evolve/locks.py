@@ -18,6 +18,7 @@ from yolo.utils.files import FileLock
 
 log = logging.getLogger("yolo.evolve")
 
+
 def _lock_key(name: str) -> int:
     """A stable signed 64-bit key for ``name`` (PostgreSQL advisory locks take a bigint)."""
     return int.from_bytes(hashlib.sha256(f"yolo-evolve:{name}".encode()).digest()[:8], "big", signed=True)

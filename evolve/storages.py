@@ -22,6 +22,7 @@ from evolve.recovery import retry_trial
 
 log = logging.getLogger("yolo.evolve")
 
+
 def grace_period(heartbeat_s: int, grace_s: int | None) -> tuple[int, int]:
     """(heartbeat interval, grace) in seconds: the grace defaults to twice the interval, and exceeds it."""
     heartbeat_s = max(1, int(heartbeat_s))

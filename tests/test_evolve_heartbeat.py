@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evolve import beats, driver, ledger
+from evolve import beats, driver, ledger, settings
 from evolve.testing import compose, fake_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def command(out: Path, generations: int, *extra: str, timeout: float) -> tuple[s
 
 def foreign_running_trial(out: Path) -> optuna.trial.FrozenTrial:
     """A generation that a worker on another machine (or before a reboot) asked for, then vanished."""
-    setup = driver._Setup(compose(overrides(out, 3)))
+    setup = settings.Setup(compose(overrides(out, 3)))
     study = setup.open_study()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
