@@ -49,7 +49,7 @@ class ParentRun:
             "space": {k: ",".join(f"{x:g}" for x in row) for k, row in setup.space.as_table().items()},
             "base": setup.base,
             "train": {**{k: setup.train_container.get(k) for k in ("weights", "epochs", "imgsz", "batch_size", "seed",
-                                                                    "optimizer")}, "data": data_name(setup)},
+                                                                   "optimizer")}, "data": data_name(setup)},
         })
         tags = {"yolo.evolve.out_dir": str(setup.out_dir), "yolo.evolve.study": setup.study_name,
                 "yolo.evolve.storage": f"{setup.storage_kind}:{redact(setup.storage_where)}",

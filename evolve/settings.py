@@ -85,7 +85,7 @@ class Setup:
     # ---- study -------------------------------------------------------------------------------------------------
     def storage(self) -> optuna.storages.BaseStorage:
         return open_storage(self.settings.storage, self.out_dir, heartbeat_s=self.settings.heartbeat_s,
-                                   grace_s=self.settings.heartbeat_grace_s, max_retries=self.settings.max_retries)
+                            grace_s=self.settings.heartbeat_grace_s, max_retries=self.settings.max_retries)
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         return samplers.make_sampler(self.strategy, self.space, self.base, seed=self.settings.seed,

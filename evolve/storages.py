@@ -34,8 +34,9 @@ def open_storage(spec: str | None, out_dir: str | os.PathLike, *, heartbeat_s: i
     """Open (creating if needed) the evolution's storage; see :func:`describe_storage`.
 
     An RDB storage records heartbeats: a RUNNING trial without one for ``grace_s`` (default twice ``heartbeat_s``)
-    belongs to a dead worker (:func:`evolve.recovery.recover_stale_trials`). Workers started at the same moment against a new
-    database create its tables one at a time (a lock in the database server, :class:`evolve.locks.DatabaseLock`).
+    belongs to a dead worker (:func:`evolve.recovery.recover_stale_trials`). Workers started at the same moment
+    against a new database create its tables one at a time (a lock in the database server,
+    :class:`evolve.locks.DatabaseLock`). The journal's heartbeats are files beside it (:mod:`evolve.beats`).
     """
     kind, where = describe_storage(spec, out_dir)
     if kind == "journal":

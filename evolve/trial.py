@@ -96,8 +96,7 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
                     raise
     except KeyboardInterrupt:
         fail(study, trial, "interrupted")
-        recovery.retry_trial(study, oi.frozen(study, trial), setup.settings.max_retries,
-                           reason="interrupted")
+        recovery.retry_trial(study, oi.frozen(study, trial), setup.settings.max_retries, reason="interrupted")
         raise
     except Exception as e:
         if is_user_error(e):

@@ -77,7 +77,7 @@ def recover(study: optuna.Study, setup: Setup) -> None:
 def export(setup: Setup, study: optuna.Study, plot: bool) -> dict[str, Path]:
     rows = study_rows(study.get_trials(deepcopy=False), setup.base)
     return export_outputs(rows, setup.out_dir, setup.columns, plot=plot and setup.settings.plot,
-                                 title=str(setup.out_dir))
+                          title=str(setup.out_dir))
 
 
 def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = None,
@@ -137,7 +137,7 @@ def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
 
 
 def worker_entry(container: dict, worker: int, train_fn: Any, level: int, threads: int | None,
-                  parent: int | None = None) -> None:
+                 parent: int | None = None) -> None:
     """A worker process (spawned): its own storage connection and sampler, the shared lock."""
     if parent is not None:
         exit_with_parent(parent, poll_s=min(1.0, float(container["evolve"]["poll_s"])))
