@@ -16,6 +16,8 @@ from evolve.formats import Row
 from evolve.rows import study_rows
 from evolve.settings import PARENT_ATTR, Setup, redact
 from evolve.workers import counts
+from yolo.config import MlflowConfig
+from yolo.tracking import Tracker, flatten_dict
 
 log = logging.getLogger("yolo.evolve")
 
@@ -33,12 +35,6 @@ class ParentRun:
         self.run_id: str | None = None
         self.logged = 0
         if not setup.cfg.mlflow.enabled:
-            return
-        try:
-            from yolo.config import MlflowConfig
-            from yolo.tracking import Tracker, flatten_dict
-        except Exception as e:
-            log.warning(f"WARNING: evolve: MLflow tracking unavailable: {e}")
             return
         m = setup.cfg.mlflow
         tcfg = MlflowConfig(enabled=True, tracking_uri=setup.tracking_uri, experiment=m.experiment,

@@ -19,7 +19,11 @@ from evolve.locations import describe_storage
 from evolve.locks import evolution_lock
 from evolve.space import HYP_KEYS, build_space, csv_columns
 from evolve.storages import open_storage
+from yolo.config import MlflowConfig, TrainConfig
+from yolo.engine.trainer import train
+from yolo.tracking import resolve_tracking_uri
 from yolo.tracking.names import generation_run_name
+from yolo.utils.redact import redact_url
 
 log = logging.getLogger("yolo.evolve")
 
@@ -110,8 +114,6 @@ class Setup:
 
     # ---- a generation's training config ------------------------------------------------------------------------
     def train_cfg(self, hyp: Mapping[str, Any], number: int, parent_run_id: str | None) -> DictConfig:
-        from yolo.config import TrainConfig
-
         c = OmegaConf.create(self.train_container)
         c.hyp = {k: hyp.get(k) for k in HYP_KEYS}
         c.noval = not self.pruning
@@ -132,24 +134,21 @@ def tracking_location(cfg: DictConfig) -> tuple[str | None, Path]:
     root = Path(cfg.project).resolve()
     root = root.parent if root.name in ("train", "evolve") else root
     try:
-        from yolo.config import MlflowConfig
-        from yolo.tracking import resolve_tracking_uri
-
         return resolve_tracking_uri(MlflowConfig(tracking_uri=cfg.mlflow.tracking_uri), root), root
     except Exception:  # tracking unavailable: leave the choice to the trainer
         return cfg.mlflow.tracking_uri, root
 
 
 def redact(where: str) -> str:
+    """A storage location fit to show: a database URL without its password."""
     try:
-        from yolo.utils.redact import redact_url as redact
-
-        return redact(where)
-    except Exception:
+        return redact_url(where)
+    except Exception:  # a location that is no URL is shown as it is
         return where
 
 
 def resolve_train_fn(train_fn: Callable | str | None) -> Callable:
+    """The function that trains a generation: given, named ``module:function``, or the trainer's ``train``."""
     if callable(train_fn):
         return train_fn
     if isinstance(train_fn, str) and train_fn:
@@ -157,6 +156,4 @@ def resolve_train_fn(train_fn: Callable | str | None) -> Callable:
         if not name:
             raise ValueError(f"evolve.train_fn must look like 'package.module:function', got {train_fn!r}")
         return getattr(importlib.import_module(module), name)
-    from yolo.engine.trainer import train
-
     return train

@@ -18,6 +18,7 @@ from evolve import optuna_internals as oi
 from evolve.beats import Heartbeat
 from evolve.settings import Setup
 from evolve.space import HYP_KEYS
+from yolo.engine.callbacks import StopTraining
 
 log = logging.getLogger("yolo.evolve")
 
@@ -29,8 +30,6 @@ class PruningCallback:
         self.trial = trial
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
-        from yolo.engine.callbacks import StopTraining
-
         epoch, metrics = trainer.epoch, trainer.metrics
         value = metrics.get("fitness")
         if value is None or not math.isfinite(float(value)):
@@ -84,8 +83,6 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
     t0 = time.time()
     res, pruned = None, False
     try:
-        from yolo.engine.callbacks import StopTraining
-
         with Heartbeat(study, trial, setup.beats):
             try:
                 res = train_fn(cfg, callbacks=callbacks, save_dir=str(save_dir))
