@@ -139,3 +139,20 @@ def test_a_record_glued_onto_torn_bytes_is_read_with_a_warning(tmp_path, caplog)
         assert run(out, 4).completed == 4
     assert "line 6: a record written onto the torn bytes" in caplog.text
     assert states(out)[:3] == before
+
+
+def test_a_record_torn_while_the_storage_is_open_is_cut_before_the_next_append(tmp_path, caplog):
+    """Another worker killed mid-write while this one runs: its torn bytes never prefix this one's record."""
+    storage = ledger.open_storage(None, tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("a", 0, 1), n_trials=2)
+    path = tmp_path / ledger.JOURNAL_NAME
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":6,"worker_id":"killed","trial_id":0,"sta')
+    with caplog.at_level(logging.WARNING, logger="yolo.evolve"):
+        study.set_user_attr("after", 1)
+    assert "discarded a torn last record" in caplog.text
+    assert all(isinstance(json.loads(x), dict) for x in lines(tmp_path))
+    again = optuna.load_study(study_name="s", storage=ledger.open_storage(None, tmp_path))
+    assert again.user_attrs == {"after": 1}
+    assert [t.state for t in again.trials] == [TrialState.COMPLETE] * 2
