@@ -35,8 +35,8 @@ class EvolveSettings:
     resume_from_csv: Optional[str] = None  # an evolve.csv (upstream's or ours) to seed a new study
     max_retries: int = 1  # times a generation whose worker died is run again (0: skip it)
     max_consecutive_failures: int = 3  # a worker stops after this many generations failing in a row
-    heartbeat_s: int = 60  # RDB storages: seconds between a running generation's heartbeats
-    heartbeat_grace_s: Optional[int] = None  # RDB: a generation without a heartbeat this long is failed (null: 2x)
+    heartbeat_s: int = 60  # seconds between a running generation's heartbeats (journal: a file beside it)
+    heartbeat_grace_s: Optional[int] = None  # a generation without a heartbeat this long is failed (null: 2x)
     poll_s: float = 2.0  # how often a waiting worker / the monitor looks at the storage
     keep_weights: bool = False  # keep each generation's last.pt/best.pt
     plot: bool = True  # write evolve.png

@@ -23,6 +23,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve import mutation
+from evolve import optuna_internals as oi
 from evolve.space import SearchSpace
 
 log = logging.getLogger("yolo.evolve")
@@ -108,7 +109,7 @@ class MutationSampler(BaseSampler):
         hyp = trial.system_attrs.get(HYP_ATTR)
         if hyp is None:
             hyp = self.propose(study, trial.number)
-            study._storage.set_trial_system_attr(trial._trial_id, HYP_ATTR, hyp)
+            oi.set_system_attr(study, trial, HYP_ATTR, hyp)
         return {k: hyp[k] for k in search_space if k in hyp}
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,

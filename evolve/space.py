@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evolve.mutation import constrain
+
 log = logging.getLogger("yolo.evolve")
 
 # The order of the training hyps (yolo.config.HypConfig): evolve.csv columns and mutation vectors follow it.
@@ -156,9 +158,6 @@ def build_space(
             raise ValueError(f"evolve: hyp.{k} has no value but evolve.space searches it")
     ordered = {k: bounds[k] for k in HYP_KEYS if k in bounds}
     space = SearchSpace(ordered, excluded)
-
-    from evolve.mutation import constrain
-
     base.update(constrain({k: base[k] for k in ordered}, space.limits()))
     return space, base
 

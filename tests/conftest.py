@@ -9,6 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# test helpers (the fake trainer: ``evolve.train_fn=fake_train:fake_train``) importable by the commands tests start
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
 
 
 def compose(config_name: str, overrides: list[str]):

@@ -11,8 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from evolve import ledger
-from evolve.driver import CONFIG_ATTR, PARENT_ATTR, evolve
-from evolve.testing import compose, fake_train
+from evolve.driver import evolve
+from evolve.settings import CONFIG_ATTR, PARENT_ATTR
+from fake_train import compose, fake_train
 
 SCRATCH_LOW = {"lr0": 0.01, "lrf": 0.01, "momentum": 0.937, "weight_decay": 0.0005, "warmup_epochs": 3.0,
                "warmup_momentum": 0.8, "warmup_bias_lr": 0.1, "box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0,
@@ -215,10 +216,10 @@ def test_sqlalchemy_storage(tmp_path):
 
 
 def test_each_worker_gets_its_own_device(tmp_path):
-    from evolve.driver import _Setup
+    from evolve.settings import Setup
 
     cfg = cfg_for(tmp_path, "evolve.workers=2", "evolve.devices=[cpu,'1']")
-    setups = [_Setup(cfg, worker=i) for i in range(3)]
+    setups = [Setup(cfg, worker=i) for i in range(3)]
     assert [s.device for s in setups] == ["cpu", "1", "cpu"]
     assert setups[1].train_cfg(setups[1].base, 7, "pid").device == "1"
     tcfg = setups[1].train_cfg(setups[1].base, 7, "pid")
@@ -226,11 +227,11 @@ def test_each_worker_gets_its_own_device(tmp_path):
 
 
 def test_a_trial_started_past_the_budget_is_detected():
-    from evolve.driver import _over_budget
+    from evolve.workers import over_budget
 
     study = optuna.create_study(direction="maximize")
     for v in (0.1, 0.2):
         study.add_trial(optuna.trial.create_trial(value=v, state=TrialState.COMPLETE))
     a, b = study.ask(), study.ask()  # two machines raced for the last generation
-    assert not _over_budget(study, a.number, 3)
-    assert _over_budget(study, b.number, 3)
+    assert not over_budget(study, a.number, 3)
+    assert over_budget(study, b.number, 3)

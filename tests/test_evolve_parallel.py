@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from evolve import ledger
 from evolve.driver import evolve
 from evolve.samplers import BASE_ATTR
-from evolve.testing import compose, fake_train
+from fake_train import compose, fake_train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process checks")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals a
 
 def overrides(out: Path, generations: int, *extra: str) -> list[str]:
     return [f"evolve.out_dir={out}", f"generations={generations}", "mlflow.enabled=false", "evolve.plot=false",
-            "epochs=1", "model=yolov5n", "evolve.poll_s=0.2", "evolve.train_fn=evolve.testing:fake_train", *extra]
+            "epochs=1", "model=yolov5n", "evolve.poll_s=0.2", "evolve.train_fn=fake_train:fake_train", *extra]
 
 
 def launch(out: Path, generations: int, *extra: str, **env: str) -> subprocess.Popen:

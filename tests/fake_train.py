@@ -1,4 +1,4 @@
-"""A stand-in for ``yolo.train.train`` that costs nothing: for tests, smoke runs and strategy benchmarks.
+"""A stand-in for ``yolo.train.train`` that costs nothing (tests only: ``evolve.train_fn=fake_train:fake_train``).
 
 ``fake_train(cfg, callbacks=(), save_dir=None)`` scores the hyps with a smooth deterministic function (a peak at
 :data:`TARGET`), calls ``on_epoch_end`` every epoch like the trainer (fitness growing with the epoch; with
@@ -22,7 +22,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+import evolve.config  # noqa: F401  (registers the schema)
+from yolo.config import MlflowConfig
+from yolo.engine.callbacks import CallbackList, StopTraining
 from yolo.engine.trainer import TrainResults
+from yolo.tracking import Tracker
 
 TARGET = {"lr0": 0.02, "momentum": 0.9, "box": 0.08, "cls": 0.8, "obj": 1.5, "hsv_s": 0.5, "scale": 0.3,
           "mosaic": 0.8, "translate": 0.2, "weight_decay": 0.0006}
@@ -37,9 +45,7 @@ def score(hyp: dict[str, Any]) -> float:
 
 
 def fake_train(cfg, callbacks=(), save_dir=None) -> TrainResults:
-    from omegaconf import OmegaConf
 
-    from yolo.engine.callbacks import CallbackList, StopTraining
 
     markers = os.environ.get("YOLO_FAKE_TRAIN_MARKERS")
     if markers:
@@ -93,10 +99,7 @@ def _claim(path: Path) -> bool:
 
 def compose(overrides: list[str] = ()):
     """The composed ``conf/evolve.yaml`` with Hydra overrides, outside a Hydra app (tests, notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
 
-    import evolve.config  # noqa: F401  (registers the schema)
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -106,10 +109,7 @@ def compose(overrides: list[str] = ()):
 def _child_run(cfg, hyp):
     if not cfg.mlflow.enabled:
         return None
-    from omegaconf import OmegaConf
 
-    from yolo.config import MlflowConfig
-    from yolo.tracking import Tracker
 
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)),
                       default_dir=Path(cfg.project).resolve())
