@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from yolo.utils.redact import redact_url  # noqa: F401  (the one redaction, re-exported for storages)
+
 JOURNAL_NAME = "evolve_journal.log"
 
 
@@ -62,11 +64,3 @@ def dialect(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password."""
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("://", 1)[0] + "://..."

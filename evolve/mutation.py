@@ -21,20 +21,19 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from yolo.metrics import fitness as metrics_fitness
+
 MUTATION_PROB = 0.8
 SIGMA = 0.2
 FACTOR_CLIP = (0.3, 3.0)
 TOP_N = 5
 DECIMALS = 5
-FITNESS_WEIGHTS = np.array([0.0, 0.0, 0.1, 0.9])  # P, R, mAP50, mAP50-95
 PARENT_METHODS = ("single", "weighted")
 
 
 def fitness(metrics) -> np.ndarray:
     """Fitness of rows whose first four columns are P, R, mAP50, mAP50-95."""
-    x = np.asarray(metrics, dtype=float)
-    x = x.reshape(1, -1) if x.ndim == 1 else x
-    return (x[:, :4] * FITNESS_WEIGHTS).sum(1)
+    return np.asarray(metrics_fitness(np.atleast_2d(np.asarray(metrics, dtype=float))))
 
 
 def csv_value(x: float) -> float:

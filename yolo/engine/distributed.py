@@ -42,6 +42,7 @@ from yolo.engine import resume, run_dir
 from yolo.errors import UserError
 from yolo.models.yolo import unwrap_model
 from yolo.tracking.hydra_job import sweep_dir
+from yolo.utils.files import atomic_write_text
 
 log = logging.getLogger("yolo")
 
@@ -338,10 +339,7 @@ class TrainTrace:
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data))
 
 
 class TraceCallback:

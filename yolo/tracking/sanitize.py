@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from yolo.utils.files import atomic_write
 from yolo.utils.redact import redact_text
 
 # MLflow limits (mlflow.utils.validation, checked against mlflow 3.x).
@@ -104,11 +105,12 @@ def _has_secret(path: Path) -> bool:
 
 
 def _redact_in_place(path: Path) -> None:
-    tmp = path.with_name(path.name + ".redacting")
-    with _open_text(path, "r") as src, _open_text(tmp, "w") as dst:
-        for line in src:
-            dst.write(redact_text(line))
-    os.replace(tmp, path)
+    def write(dst) -> None:
+        with _open_text(path, "r") as src:
+            for line in src:
+                dst.write(redact_text(line).encode("utf-8", errors="surrogateescape"))
+
+    atomic_write(path, write)
 
 
 @contextlib.contextmanager
