@@ -145,9 +145,25 @@ def test_optuna_strategies_start_from_the_base_hyp(tmp_path, strategy):
                 assert c.hyp[k] == SCRATCH_LOW[k]  # gain 0: never changed by any strategy
 
 
-def test_weighted_parent(tmp_path):
-    res = evolve(cfg_for(tmp_path, "evolve.parent=weighted", generations=4), train_fn=fake_train)
+def test_weighted_parent(tmp_path, monkeypatch):
+    """``evolve.parent=weighted`` reaches the parent selection of every mutated generation (and ``single`` is
+    the default): ignoring the setting fails this test."""
+    from evolve import mutation
+
+    seen = []
+    real = mutation.select_parent
+
+    def spy(values, fit, rng, method="single", top=mutation.TOP_N):
+        seen.append(method)
+        return real(values, fit, rng, method=method, top=top)
+
+    monkeypatch.setattr(mutation, "select_parent", spy)
+    res = evolve(cfg_for(tmp_path / "w", "evolve.parent=weighted", generations=4), train_fn=fake_train)
     assert res.completed == 4
+    assert seen and set(seen) == {"weighted"}
+    seen.clear()
+    evolve(cfg_for(tmp_path / "s", generations=4), train_fn=fake_train)
+    assert seen and set(seen) == {"single"}
 
 
 def test_seed_from_an_upstream_csv(tmp_path):
