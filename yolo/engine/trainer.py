@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from yolo.config import check_train_config
 from yolo.engine import distributed, results_csv
 from yolo.engine.callbacks import CallbackList, StopTraining
 from yolo.engine.distributed import DistInfo, TrainTrace
@@ -167,6 +168,7 @@ def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None
     WORLD_SIZE`` images per step; rank 0 alone validates, plots, saves checkpoints, logs to MLflow and calls the
     ``callbacks``; every process returns rank 0's results.
     """
+    check_train_config(cfg)  # every number, key and choice, before anything is read
     info = DistInfo.from_env()
     try:
         with distributed.quiet_unless_main(info):
