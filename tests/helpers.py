@@ -23,10 +23,11 @@ needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} not 
 needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"{WEIGHTS} not available")
 
 
-def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()):
-    """The config an entrypoint would see for ``overrides`` (schema-validated by Hydra)."""
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = (), *, with_hydra: bool = False):
+    """The config an entrypoint would see for ``overrides`` (schema-validated by Hydra); ``with_hydra``: with
+    Hydra's own settings under ``hydra`` too."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def group_options(group: str) -> list[str]:

@@ -28,10 +28,10 @@ def train_cfg(*overrides: str):
 
 
 # ---- every option of every config group composes and passes the checks ------------------------------------------
-GROUP_CASES = [("train", group, option) for group in ("model", "data", "hyp", "optimizer")
+GROUP_CASES = [("train", group, option) for group in ("model", "data", "hyp", "optimizer", "mlflow")
                for option in group_options(group)]
 GROUP_CASES += [("val", group, option) for group in ("model", "data") for option in group_options(group)]
-GROUP_CASES += [("evolve", "evolve_space", option) for option in group_options("evolve_space")]
+GROUP_CASES += [("evolve", group, option) for group in ("evolve_space", "mlflow") for option in group_options(group)]
 
 
 @pytest.mark.parametrize("config_name,group,option", GROUP_CASES, ids=lambda v: str(v))
@@ -166,3 +166,29 @@ def test_evolution_limits_lie_inside_the_hyp_domains():
         rules[key](f"hyp.{key}", float(lower))
         rules[key](f"hyp.{key}", float(upper))
     assert all(f.metadata.get("rule") for f in dataclasses.fields(HypConfig)), "every hyp has a domain"
+
+
+# ---- one home for Hydra's settings and for the tracking defaults ------------------------------------------------
+RUN_DIRS = {"train": "${project}/${now:%Y-%m-%d_%H-%M-%S}_${name}", "val": "runs/val/${now:%Y-%m-%d_%H-%M-%S}",
+            "evolve": "${evolve.out_dir}"}
+
+
+@pytest.mark.parametrize("config_name", ["train", "val", "evolve"])
+@pytest.mark.parametrize("option", group_options("hydra"))
+def test_hydra_settings_have_one_home(config_name, option):
+    shared = yaml.safe_load((CONF / "hydra" / f"{option}.yaml").read_text())
+    own = yaml.safe_load((CONF / f"{config_name}.yaml").read_text())
+    assert f"hydra: {option}" in (CONF / f"{config_name}.yaml").read_text()
+    assert not {"job", "job_logging"} & set(own.get("hydra", {})), "job and logging settings live in conf/hydra/"
+    h = OmegaConf.to_container(compose(config_name, ["device=cpu"], with_hydra=True).hydra, resolve=False)
+    assert h["job"]["chdir"] is False and h["job_logging"]["formatters"] == shared["job_logging"]["formatters"]
+    assert h["run"]["dir"] == RUN_DIRS[config_name]  # each entry's run folder as before
+    assert h["sweep"]["subdir"] == "${hydra.job.num}"
+
+
+def test_mlflow_group_options():
+    assert yaml.safe_load((CONF / "mlflow" / "default.yaml").read_text()) is None  # the schema holds the defaults
+    train_, evolve_ = compose("train").mlflow, compose("evolve").mlflow
+    assert (train_.experiment, train_.log_weights, train_.enabled) == ("yolo", True, True)
+    assert (evolve_.experiment, evolve_.log_weights, evolve_.enabled) == ("yolo-evolve", False, True)
+    assert compose("train", ["mlflow=evolve"]).mlflow.experiment == "yolo-evolve"

@@ -29,7 +29,6 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from yolo.device import check_device
 from yolo.errors import ConfigError
 
 DATASETS_DIR = "${oc.env:DATASETS_DIR,datasets}"
@@ -82,6 +81,9 @@ def choice(default: Any, *options: str) -> Any:
 
 def device_rule(key: str, value: Any) -> None:
     """A device this machine has (``auto``, ``cpu``, ``cuda:N``, ``0,1``...)."""
+    # deferred: yolo.device imports torch, and light modules (yolo.tracking) import this schema without torch
+    from yolo.device import check_device
+
     check_device(value, key)
 
 
