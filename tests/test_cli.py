@@ -42,9 +42,18 @@ def test_every_user_error_type_is_one_line(error, capsys):
     assert err.count("\n") == 1 and err.startswith("ERROR: "), err
 
 
-def test_a_bug_keeps_its_traceback():
-    with pytest.raises(KeyError), exit_on_user_error():
-        raise KeyError("not the user's fault")
+def test_hydra_plain_value_error_is_one_line(capsys):
+    """Hydra reports some override mistakes (``model=null`` on a config group) as a plain ValueError."""
+    with pytest.raises(SystemExit), exit_on_user_error():
+        compose("train", ["model=null"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: Config group override must be a string"), err
+
+
+@pytest.mark.parametrize("bug", [KeyError("not the user's fault"), ValueError("nor this one")])
+def test_a_bug_keeps_its_traceback(bug):
+    with pytest.raises(type(bug)), exit_on_user_error():
+        raise bug
 
 
 def test_run_hydra_main_leaves_hydra_full_error_as_it_was(monkeypatch):

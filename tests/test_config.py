@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from evolve.config import EvolveConfig
-from helpers import CONF, compose, group_options
+from helpers import CONF, compose, group_options, needs_cuda
 from yolo.config import HYP_KEYS, HypConfig, check_train_config, check_val_config, model_layers
 from yolo.engine.trainer import train
 from yolo.errors import ConfigError
@@ -109,6 +109,12 @@ def test_train_accepts_sound_values(override):
     check_train_config(cfg)
     if override in ("cache=false", "cache=none"):
         assert cfg.cache is None  # what the loader takes for "no cache"
+
+
+@needs_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "0", "auto"])
+def test_present_gpu_is_accepted(device):
+    check_train_config(train_cfg(f"device={device}"))
 
 
 def test_cache_words_become_null_in_a_plain_mapping():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -47,12 +48,26 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+_HYDRA_PACKAGE = Path(hydra.__file__).resolve().parent
+
+
+def raised_by_hydra(e: BaseException) -> bool:
+    """A ``ValueError`` that Hydra raises itself while composing (``model=null`` on a config group)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (isinstance(e, ValueError) and tb is not None
+            and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_HYDRA_PACKAGE))
+
+
 @contextlib.contextmanager
 def exit_on_user_error(code: int = 1):
     """Turn a user-input error into one clear ``ERROR: ...`` line on stderr and a non-zero exit."""
     try:
         yield
-    except user_error_types() as e:
+    except Exception as e:
+        if not isinstance(e, user_error_types()) and not raised_by_hydra(e):
+            raise
         print(f"ERROR: {error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(code)
 
