@@ -90,4 +90,5 @@ def test_entrypoint_prints_one_error_line_before_reading_data(argv, line, tmp_pa
     assert errors == [line] or (len(errors) == 1 and errors[0].startswith(line)), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "datasets").exists()
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
     assert elapsed < 60, f"{elapsed:.1f}s: the check should come before any data work"

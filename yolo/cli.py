@@ -17,8 +17,12 @@ from typing import Any
 
 import hydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from yolo.config import check_train_config, check_val_config
 from yolo.errors import UserError
 
 
@@ -70,6 +74,26 @@ def exit_on_user_error(code: int = 1):
             raise
         print(f"ERROR: {error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(code)
+
+
+class CheckConfigFirst(Callback):
+    """Hydra callback (``hydra.callbacks`` of ``conf/train.yaml``, ``val.yaml``, ``evolve.yaml``): the entry's
+    config checks run before Hydra creates the run folder, so a refused setting leaves no folder behind.
+
+    ``check``: ``train`` (:func:`~yolo.config.check_train_config`) or ``val``; ``schema``: the dotted name of a
+    schema extending :class:`~yolo.config.TrainConfig` (``evolve.config.EvolveConfig``).
+    """
+
+    def __init__(self, check: str = "train", schema: str | None = None) -> None:
+        self.check, self.schema = check, schema
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # what the job will get
+        with exit_on_user_error():
+            if self.check == "val":
+                check_val_config(job)
+            else:
+                check_train_config(job, get_class(self.schema) if self.schema else None)
 
 
 def run_hydra_main(main: Callable[[], Any]) -> None:

@@ -88,6 +88,7 @@ def device_rule(key: str, value: Any) -> None:
 
 
 def each(rule: Rule) -> Rule:
+    """``rule`` for every item of a list (keys ``key[0]``, ``key[1]``...)."""
     def rule_each(key: str, values: Any) -> None:
         for i, v in enumerate(values):
             rule(f"{key}[{i}]", v)
