@@ -1,11 +1,9 @@
 """Train a YOLOv5 detector: ``python run_train.py model=yolov5s data=coco128 hyp.lr0=0.01`` (``-m`` for sweeps)."""
 
-import sys
-
 import hydra
 
 import yolo.config  # noqa: F401  (registers the config schema)
-from yolo.cli import exit_on_user_error, rewrite_data_override
+from yolo.cli import exit_on_user_error, run_hydra_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,5 +15,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv = rewrite_data_override(sys.argv)
-    main()
+    run_hydra_main(main)

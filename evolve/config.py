@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from yolo.config import TrainConfig
+from yolo.config import TrainConfig, checked, device_rule, each, num
 
 
 @dataclass
@@ -27,17 +27,17 @@ class EvolveSettings:
     out_dir: Optional[str] = None  # null: ${project}/${name}
     storage: Optional[str] = None  # null: journal file in out_dir; or a path; or an SQLAlchemy URL
     study_name: str = "evolve"
-    workers: int = 1  # processes evaluating generations concurrently
-    devices: List[str] = field(default_factory=list)  # one per worker, round-robin (default: `device` for all)
+    workers: int = num(1, ge=1)  # processes evaluating generations concurrently
+    devices: List[str] = checked(each(device_rule), default_factory=list)  # one per worker (default: `device`)
     pruner: str = "none"  # none | median | hyperband
-    pruner_startup: int = 5  # median: generations finished before any is pruned
-    pruner_warmup_epochs: int = 0  # median: epochs of a generation before it may be pruned
+    pruner_startup: int = num(5, ge=0)  # median: generations finished before any is pruned
+    pruner_warmup_epochs: int = num(0, ge=0)  # median: epochs of a generation before it may be pruned
     resume_from_csv: Optional[str] = None  # an evolve.csv (upstream's or ours) to seed a new study
-    max_retries: int = 1  # times a generation whose worker died is run again (0: skip it)
-    max_consecutive_failures: int = 3  # a worker stops after this many generations failing in a row
-    heartbeat_s: int = 60  # seconds between a running generation's heartbeats (journal: a file beside it)
-    heartbeat_grace_s: Optional[int] = None  # a generation without a heartbeat this long is failed (null: 2x)
-    poll_s: float = 2.0  # how often a waiting worker / the monitor looks at the storage
+    max_retries: int = num(1, ge=0)  # times a generation whose worker died is run again (0: skip it)
+    max_consecutive_failures: int = num(3, ge=1)  # a worker stops after this many generations failing in a row
+    heartbeat_s: int = num(60, ge=1)  # seconds between a running generation's heartbeats (journal: a file beside it)
+    heartbeat_grace_s: Optional[int] = num(None, ge=1)  # silent this long, a generation is failed (null: 2x)
+    poll_s: float = num(2.0, gt=0)  # how often a waiting worker / the monitor looks at the storage
     keep_weights: bool = False  # keep each generation's last.pt/best.pt
     plot: bool = True  # write evolve.png
     train_fn: Optional[str] = None  # "module:function" replacing yolo.train.train (tests, benchmarks)
@@ -48,7 +48,7 @@ class EvolveSettings:
 class EvolveConfig(TrainConfig):
     """``run_evolve.py``: the training config of every generation, plus the evolution."""
 
-    generations: int = 300  # finished generations wanted in total (a resumed run counts the earlier ones)
+    generations: int = num(300, ge=1)  # finished generations wanted in total (a resumed run counts the earlier ones)
     evolve: EvolveSettings = field(default_factory=EvolveSettings)
 
 

@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from helpers import ROOT, SHARED, compose, train_overrides  # noqa: F401  (tests import these from conftest too)
+
 # test helpers (the fake trainer: ``evolve.train_fn=fake_train:fake_train``) importable by the commands tests start
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
-
-
-def compose(config_name: str, overrides: list[str]):
-    """The config an entrypoint would see for ``overrides`` (schema-validated)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import yolo.config  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose(config_name, overrides=overrides)
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +24,6 @@ def tiny_shapes(tmp_path_factory) -> Path:
     yaml = root.parent / "tiny_shapes.yaml"
     yaml.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {list(CLASS_NAMES)}\n")
     return yaml
-
-
-def train_overrides(data_yaml: Path, tmp_path: Path, *extra: str) -> list[str]:
-    """A fast CPU training config on a tiny dataset, writing everything under ``tmp_path``."""
-    return [
-        "model=yolov5n", "data=external", f"data.file={data_yaml}", "imgsz=96", "batch_size=8", "epochs=2",
-        "workers=0", "device=cpu", f"project={tmp_path / 'runs' / 'train'}", "noautoanchor=true",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra,
-    ]
 
 
 @pytest.fixture(autouse=True)

@@ -7,31 +7,106 @@ defaults list, so Hydra validates the composed config before any code runs: a mi
 ``data`` is a config group (``conf/data/*.yaml``, upstream's dataset format: ``data=coco128``).  A user's own
 dataset YAML works without copying it into ``conf/``: ``data=path/to/custom.yaml`` is rewritten by the
 entrypoints (:func:`yolo.cli.rewrite_data_override`) to ``data=external data.file=path/to/custom.yaml``.
+
+Hydra checks keys and types while composing; what a value may be (``epochs >= 1``, a probability in [0, 1], one
+of a few words, a device this machine has) is declared on the schema's fields too (:func:`num`, :func:`choice`,
+:func:`checked`) and checked by :func:`check_train_config` / :func:`check_val_config` before any data is read.
+They also refuse keys the schema does not know: Hydra lets ``+hyp.lr00=1`` add one to a structured config.
+Each failure is a :class:`~yolo.errors.ConfigError` whose message starts with the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import operator
+import typing
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from yolo.errors import ConfigError
 
 DATASETS_DIR = "${oc.env:DATASETS_DIR,datasets}"
+CACHE_VALUES = ("ram", "disk", "none", "false")
+
+
+# ---- what a value may be: rules attached to schema fields ------------------------------------------------------
+Rule = Callable[[str, Any], None]  # (key, value) -> None, or raise ConfigError naming the key
+
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def _number_rule(ge=None, gt=None, le=None, lt=None) -> Rule:
+    bounds = [(op, b) for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if b is not None]
+    lo, hi = [(op, b) for op, b in bounds if op[0] == ">"], [(op, b) for op, b in bounds if op[0] == "<"]
+    if lo and hi:  # an interval: [0, 1], [0, 1), (0, 1]
+        (lo_op, a), (hi_op, b) = lo[0], hi[0]
+        wanted = f"in {'[' if lo_op == '>=' else '('}{a}, {b}{']' if hi_op == '<=' else ')'}"
+    else:
+        wanted = " and ".join(f"{op} {b}" for op, b in bounds)
+
+    def rule(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        if not all(_COMPARE[op](value, b) for op, b in bounds):
+            raise ConfigError(f"{key}: must be {wanted}, got {value}")
+    return rule
+
+
+def checked(rule: Rule, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A schema field whose value (when not null) must pass ``rule``."""
+    return field(default=default, metadata={"rule": rule}, **kwargs)
+
+
+def num(default: Any, *, ge=None, gt=None, le=None, lt=None) -> Any:
+    """A finite number within the bounds given (``gt=0``: positive; ``ge=0, le=1``: a probability)."""
+    return checked(_number_rule(ge, gt, le, lt), default)
+
+
+def choice(default: Any, *options: str) -> Any:
+    """A word among ``options`` (case-insensitive)."""
+    def rule(key: str, value: Any) -> None:
+        if str(value).lower() not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {value!r}")
+    return checked(rule, default)
+
+
+def device_rule(key: str, value: Any) -> None:
+    """A device this machine has (``auto``, ``cpu``, ``cuda:N``, ``0,1``...)."""
+    from yolo.device import check_device  # deferred: torch; light modules import this schema without it
+
+    check_device(value, key)
+
+
+def each(rule: Rule) -> Rule:
+    """``rule`` for every item of a list (keys ``key[0]``, ``key[1]``...)."""
+    def rule_each(key: str, values: Any) -> None:
+        for i, v in enumerate(values):
+            rule(f"{key}[{i}]", v)
+    return rule_each
+
 
 
 @dataclass
 class ModelConfig:
     """An architecture in upstream's YAML layout (``conf/model/*.yaml``)."""
 
-    nc: int = 80
-    depth_multiple: float = 1.0
-    width_multiple: float = 1.0
+    nc: int = num(80, ge=1)
+    depth_multiple: float = num(1.0, gt=0)
+    width_multiple: float = num(1.0, gt=0)
     anchors: Any = 3
     backbone: List[Any] = field(default_factory=list)
     head: List[Any] = field(default_factory=list)
     activation: Optional[str] = None
-    ch: int = 3
+    ch: int = num(3, ge=1)
 
 
 @dataclass
@@ -43,7 +118,7 @@ class DataSpec:
     val: Any = None
     test: Any = None
     names: Any = None
-    nc: Optional[int] = None
+    nc: Optional[int] = num(None, ge=1)
     download: Optional[str] = None
     file: Optional[str] = None  # a dataset YAML outside conf/ (wins over the fields above)
 
@@ -66,16 +141,16 @@ class ValConfig:
     weights: str = MISSING
     data: DataSpec = field(default_factory=DataSpec)
     datasets_dir: str = DATASETS_DIR
-    split: str = "val"
+    split: str = choice("val", "train", "val", "test")
     model: Optional[ModelConfig] = None
-    nc: Optional[int] = None
-    imgsz: int = 640
-    batch_size: int = 32
-    conf_thres: float = 0.001
-    iou_thres: float = 0.6
-    max_det: int = 300
-    device: str = "auto"
-    workers: int = 2
+    nc: Optional[int] = num(None, ge=1)
+    imgsz: int = num(640, ge=32)
+    batch_size: int = num(32, ge=1)
+    conf_thres: float = num(0.001, ge=0, le=1)
+    iou_thres: float = num(0.6, ge=0, le=1)
+    max_det: int = num(300, ge=1)
+    device: str = checked(device_rule, "auto")
+    workers: int = num(2, ge=0)
     single_cls: bool = False
     half: bool = False
     fuse: bool = True
@@ -86,37 +161,46 @@ class ValConfig:
 
 @dataclass
 class HypConfig:
-    """Training hyperparameters, upstream's keys and meanings (``conf/hyp/*.yaml``)."""
+    """Training hyperparameters, upstream's keys and meanings (``conf/hyp/*.yaml``).
 
-    lr0: float = 0.01
-    lrf: float = 0.01
-    momentum: float = 0.937
-    weight_decay: float = 0.0005
-    warmup_epochs: float = 3.0
-    warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
-    box: float = 0.05
-    cls: float = 0.5
-    cls_pw: float = 1.0
-    obj: float = 1.0
-    obj_pw: float = 1.0
-    iou_t: float = 0.20
-    anchor_t: float = 4.0
-    fl_gamma: float = 0.0
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.5
-    shear: float = 0.0
-    perspective: float = 0.0
-    flipud: float = 0.0
-    fliplr: float = 0.5
-    mosaic: float = 1.0
-    mixup: float = 0.0
-    copy_paste: float = 0.0
-    anchors: Optional[float] = None
+    What each may be: upstream's evolution table (``conf/evolve_space/default.yaml``) puts every key's lower limit
+    at 0 or above, so every value is finite and non-negative; learning rates are positive, probabilities and
+    fractions of the image or colour range lie in [0, 1], and momentum (SGD momentum or Adam beta1) and the scale
+    gain lie in [0, 1). ``tests/test_config.py`` checks that the evolution table stays inside these domains.
+    """
+
+    lr0: float = num(0.01, gt=0)
+    lrf: float = num(0.01, gt=0)
+    momentum: float = num(0.937, ge=0, lt=1)
+    weight_decay: float = num(0.0005, ge=0)
+    warmup_epochs: float = num(3.0, ge=0)
+    warmup_momentum: float = num(0.8, ge=0, lt=1)
+    warmup_bias_lr: float = num(0.1, ge=0)
+    box: float = num(0.05, ge=0)
+    cls: float = num(0.5, ge=0)
+    cls_pw: float = num(1.0, ge=0)
+    obj: float = num(1.0, ge=0)
+    obj_pw: float = num(1.0, ge=0)
+    iou_t: float = num(0.20, ge=0, le=1)
+    anchor_t: float = num(4.0, ge=0)
+    fl_gamma: float = num(0.0, ge=0)
+    hsv_h: float = num(0.015, ge=0, le=1)
+    hsv_s: float = num(0.7, ge=0, le=1)
+    hsv_v: float = num(0.4, ge=0, le=1)
+    degrees: float = num(0.0, ge=0)
+    translate: float = num(0.1, ge=0, le=1)
+    scale: float = num(0.5, ge=0, lt=1)
+    shear: float = num(0.0, ge=0)
+    perspective: float = num(0.0, ge=0, le=1)
+    flipud: float = num(0.0, ge=0, le=1)
+    fliplr: float = num(0.5, ge=0, le=1)
+    mosaic: float = num(1.0, ge=0, le=1)
+    mixup: float = num(0.0, ge=0, le=1)
+    copy_paste: float = num(0.0, ge=0, le=1)
+    anchors: Optional[float] = num(None, ge=0)
+
+
+HYP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HypConfig))  # upstream's order (evolve.csv)
 
 
 @dataclass
@@ -136,7 +220,7 @@ class MlflowConfig:
     experiment: str = "yolo"
     run_name: Optional[str] = None
     parent_run_id: Optional[str] = None
-    timeout_s: float = 5.0
+    timeout_s: float = num(5.0, gt=0)
     log_weights: bool = True  # upload best.pt as an artifact (evolution turns this off: one per generation)
 
 
@@ -151,36 +235,131 @@ class TrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     datasets_dir: str = DATASETS_DIR
     weights: Optional[str] = None
-    epochs: int = 100
-    batch_size: int = 16
-    imgsz: int = 640
-    device: str = "auto"
-    workers: int = 8
+    epochs: int = num(100, ge=1)
+    batch_size: int = num(16, ge=1)
+    imgsz: int = num(640, ge=32)  # a non-multiple of the model's stride is rounded up with a warning
+    device: str = checked(device_rule, "auto")
+    workers: int = num(8, ge=0)
     seed: int = 0
     deterministic: bool = True
     resume: Any = False  # false, true (latest run) or a path to last.pt
-    cache: Optional[str] = None  # ram | disk
+    cache: Optional[str] = choice(None, *CACHE_VALUES)  # ram | disk (none, false: no cache)
     rect: bool = False
     multi_scale: bool = False
     single_cls: bool = False
     freeze: List[int] = field(default_factory=list)  # [10] freezes layers 0-9; [0, 1, 2] freezes those layers
     image_weights: bool = False
     sync_bn: bool = False  # DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
-    label_smoothing: float = 0.0
+    label_smoothing: float = num(0.0, ge=0, lt=1)
     cos_lr: bool = False
-    patience: int = 100
+    patience: int = num(100, ge=0)  # 0: never stop early
     save_period: int = -1
     noval: bool = False
     nosave: bool = False
     noautoanchor: bool = False
     noplots: bool = False
     amp: bool = True
-    conf_thres: float = 0.001
-    iou_thres: float = 0.6
-    max_det: int = 300
+    conf_thres: float = num(0.001, ge=0, le=1)
+    iou_thres: float = num(0.6, ge=0, le=1)
+    max_det: int = num(300, ge=1)
     project: str = "runs/train"  # where run folders go (Hydra's run dir is built from it)
     name: str = "exp"
     exist_ok: bool = False  # train into a folder that already holds a run (upstream's --exist-ok)
+
+
+# ---- checks run by the entrypoints and train()/val before anything is loaded -------------------------------------
+def _nested_schema(tp: Any) -> type | None:
+    """The dataclass behind a field's type (``ModelConfig``, ``Optional[ModelConfig]``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+
+
+def _as_config(cfg: Any) -> DictConfig:
+    if isinstance(cfg, DictConfig):
+        return cfg
+    return OmegaConf.create(dict(cfg)) if isinstance(cfg, Mapping) else OmegaConf.structured(cfg)
+
+
+def check_config(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Check ``cfg`` against the dataclass ``schema``: no key it does not declare (Hydra's ``+key=value`` adds
+    any), no mandatory key left ``???``, every value passing its field's rule. Raises :class:`ConfigError`."""
+    cfg = _as_config(cfg)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    present = list(cfg.keys())  # `name in cfg` is False for a ??? value
+    for key in present:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: not a setting of {schema.__name__}{hint}")
+    hints = typing.get_type_hints(schema)
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in present:
+            continue  # a config built without this key gets the schema's default when merged
+        if OmegaConf.is_missing(cfg, name):
+            raise ConfigError(f"{key}: required: give {key}=...")
+        nested, rule = _nested_schema(hints[name]), f.metadata.get("rule")
+        if nested is None and rule is None:
+            continue
+        value = cfg[name]
+        if value is None:
+            continue
+        if nested is not None:
+            check_config(value, nested, prefix=f"{key}.")
+        else:
+            rule(key, value)
+
+
+def model_layers(model: Any) -> int | None:
+    """How many layers an architecture in upstream's YAML layout has (its backbone and head rows), or None."""
+    if model is None or "backbone" not in model or "head" not in model:
+        return None
+    return len(model["backbone"]) + len(model["head"]) or None
+
+
+def _check_freeze(freeze: Any, model: Any) -> None:
+    values = list(freeze or [])
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ConfigError(f"freeze: must be layer indices >= 0, got {values}")
+    n = model_layers(model)
+    if n is None or not values:
+        return  # the architecture comes from weights=: not known before the checkpoint is read
+    if len(values) == 1 and values[0] > n:
+        raise ConfigError(f"freeze: [{values[0]}] freezes the first {values[0]} layers but the model has {n}")
+    beyond = [v for v in values if v >= n] if len(values) > 1 else []
+    if beyond:
+        raise ConfigError(f"freeze: layers {beyond} do not exist: the model has {n} (0-{n - 1})")
+
+
+def _check_data(data: Any) -> None:
+    """A dataset is named: a ``data.file`` (``data=path/to/custom.yaml``) or a mapping with its splits."""
+    if isinstance(data, (str, bytes)) or data is None:
+        return
+    if not data.get("file") and not data.get("train") and not data.get("val"):
+        raise ConfigError("data: required: choose data=coco128|shapes (conf/data) or data=path/to/custom.yaml")
+
+
+def check_train_config(cfg: Any, schema: type | None = None) -> None:
+    """Everything a training can check before reading data: the schema's keys and rules, a dataset and a model
+    named, ``freeze`` within that model. ``cache=none|false`` becomes null here. Raises :class:`ConfigError`."""
+    conf = _as_config(cfg)
+    check_config(conf, schema or TrainConfig)
+    _check_data(conf.get("data"))
+    if conf.get("model") is None and not conf.get("weights") and not conf.get("resume"):
+        raise ConfigError("model: required: choose model=yolov5n|s|m|l|x or give weights=path/to/checkpoint.pt")
+    _check_freeze(conf.get("freeze"), conf.get("model"))
+    if isinstance(conf.get("cache"), str) and conf.cache.lower() in ("none", "false"):
+        conf.cache = None
+        if isinstance(cfg, MutableMapping) and conf is not cfg:
+            cfg["cache"] = None
+
+
+def check_val_config(cfg: Any) -> None:
+    """What ``python -m yolo.val`` can check before loading weights or data. Raises :class:`ConfigError`."""
+    conf = _as_config(cfg)
+    check_config(conf, ValConfig)
+    _check_data(conf.get("data"))
 
 
 def register_configs() -> None:

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from yolo.errors import ConfigError
+
 log = logging.getLogger("yolo")
 
 
@@ -20,7 +22,8 @@ def select_device(device: str | int | None = "auto", local_rank: int | None = No
     ``local_rank`` is given by a DDP process (one process per device, see :mod:`yolo.engine.distributed`):
     ``auto``/``cuda`` then mean CUDA device ``local_rank``, and a list of indices (``0,1,2,3``, upstream's
     multi-GPU form) gives the process the ``local_rank``-th of them.  Outside DDP a list is an error that
-    says how to launch one process per device.
+    says how to launch one process per device.  Every refusal is a :class:`~yolo.errors.ConfigError` (a
+    ``ValueError`` too) whose message starts with ``device:``.
     """
     spec = "auto" if device is None or device == "" else str(device).strip().lower().replace(" ", "")
     indices = _index_list(spec)
@@ -38,7 +41,29 @@ def select_device(device: str | int | None = "auto", local_rank: int | None = No
         spec = f"cuda:{local_rank}"
     if spec.startswith("cuda"):
         return _cuda(device, spec)
-    raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or a list of indices like 0,1")
+    raise _unknown(device)
+
+
+def _unknown(device) -> ConfigError:
+    return ConfigError(f"device: {device!r} is unknown: use auto, cpu, cuda, cuda:N or a list of indices like 0,1")
+
+
+def check_device(device: str | int | None, key: str = "device") -> None:
+    """Raise :class:`~yolo.errors.ConfigError` unless ``device`` names a device this machine has. A list of GPUs
+    (``0,1``, for one process each under torchrun) is checked index by index; :func:`select_device` then gives
+    each process its own."""
+    spec = "auto" if device is None or device == "" else str(device).strip().lower().replace(" ", "")
+    indices = _index_list(spec)
+    try:
+        if indices is not None and len(indices) > 1:
+            for i in indices:
+                _cuda(device, f"cuda:{i}")
+        else:
+            select_device(device)
+    except ConfigError as e:
+        if key == "device":
+            raise
+        raise ConfigError(f"{key}: {str(e).removeprefix('device: ')}") from None
 
 
 def _index_list(spec: str) -> list[int] | None:
@@ -52,21 +77,24 @@ def _index_list(spec: str) -> list[int] | None:
 
 def _device_from_list(device, indices: list[int], local_rank: int | None) -> torch.device:
     if local_rank is None:
-        raise ValueError(f"device={device!r} names {len(indices)} GPUs: a single process trains on one device. "
-                         f"Start one process per GPU with torchrun --nproc_per_node={len(indices)} run_train.py "
-                         f"device={device} ...")
+        raise ConfigError(f"device: {device!r} names {len(indices)} GPUs: a single process trains on one device. "
+                          f"Start one process per GPU with torchrun --nproc_per_node={len(indices)} run_train.py "
+                          f"device={device} ...")
     if local_rank >= len(indices):
-        raise ValueError(f"device={device!r} names {len(indices)} GPU(s) but this is local process {local_rank}: "
-                         f"name one GPU per process on this node (as many as --nproc_per_node), or use device=auto")
+        raise ConfigError(f"device: {device!r} names {len(indices)} GPU(s) but this is local process {local_rank}: "
+                          f"name one GPU per process on this node (as many as --nproc_per_node), or use device=auto")
     return _cuda(device, f"cuda:{indices[local_rank]}")
 
 
 def _cuda(device, spec: str) -> torch.device:
     if not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available on this machine")
-    dev = torch.device(spec)
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available on this machine")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise _unknown(device) from None
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise ConfigError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     return dev
 
 

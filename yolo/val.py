@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,8 +20,8 @@ from tqdm import tqdm
 
 from yolo.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from yolo.checkpoint import checked_model, load_checkpoint
-from yolo.cli import exit_on_user_error, rewrite_data_override
-from yolo.config import data_source  # also registers the config schema that the entry composes
+from yolo.cli import exit_on_user_error, run_hydra_main
+from yolo.config import check_val_config, data_source  # also registers the config schema that the entry composes
 from yolo.data.config import DatasetError, ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
 from yolo.device import select_device, sync_time
@@ -237,6 +236,7 @@ def load_weights(cfg) -> torch.nn.Module:
 def run(cfg) -> ValResults:
     """Validate ``cfg.weights`` on ``cfg.data`` (a :class:`yolo.config.ValConfig`). The weights are loaded and
     checked before any data is read."""
+    check_val_config(cfg)
     model = load_weights(cfg)
     device = select_device(cfg.device)
     data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
@@ -267,14 +267,12 @@ def run(cfg) -> ValResults:
 
 
 def main() -> None:
-    sys.argv = rewrite_data_override(sys.argv)
-
     @hydra.main(version_base="1.3", config_path="../conf", config_name="val")
     def _main(cfg) -> float:
         with exit_on_user_error():
             return run(cfg).fitness
 
-    _main()
+    run_hydra_main(_main)
 
 
 if __name__ == "__main__":

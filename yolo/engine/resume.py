@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from yolo.checkpoint import Checkpoint, load_checkpoint
-from yolo.config import TrainConfig
+from yolo.config import TrainConfig, check_train_config
 from yolo.engine import run_dir
 from yolo.errors import CheckpointError, ConfigError, UserError
 from yolo.models.yolo import to_plain
@@ -170,6 +170,10 @@ def plan(cfg: DictConfig, given: Iterable[str] | None = None) -> ResumePlan | No
     given = list(given) if given is not None else None
     _apply_command(merged, cfg, given, path)
     merged.resume = str(path)
+    try:  # the stored settings pass the same checks as a command's
+        check_train_config(merged)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored setting refused: {e}") from None
     folder = run_folder_of(path, ckpt)
     if folder is not None:  # what a save killed half-way left behind, even when there is nothing to train
         for sub in (folder, folder / "weights"):

@@ -26,7 +26,7 @@ from torch import nn
 
 from yolo.autoanchor import check_anchors
 from yolo.checkpoint import load_checkpoint, load_model, save_checkpoint, strip_optimizer
-from yolo.config import data_source
+from yolo.config import check_train_config, data_source
 from yolo.data.config import ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
 from yolo.ema import ModelEMA
@@ -147,6 +147,7 @@ class Trainer:
         self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks)
         self.requested_dir = save_dir
         self.t_start = time.time()
+        check_train_config(cfg)  # every number, key and choice, before anything is read
         self.resume_plan = self._resume_plan(cfg)
         self.cfg = self.resume_plan.cfg if self.resume_plan is not None else cfg
         self.resumed = self.resume_plan is not None
