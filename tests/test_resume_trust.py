@@ -176,8 +176,9 @@ def test_resume_honours_more_epochs_and_refuses_changed_training(tiny_shapes, tm
     assert plan.cfg.hyp.lr0 == base.hyp.lr0  # from the checkpoint: not given on the command
     with pytest.raises(resume.ResumeError, match=r"hyp\.lr0=0\.5"):
         resume.plan(cfg, given=["resume", "hyp.lr0"])
-    with pytest.raises(resume.ResumeError, match="already trained 1 epochs"):
-        resume.plan(_resume_cfg(tiny_shapes, tmp_path, last, "epochs=0"), given=["epochs"])
+    last2 = _fake_run(tmp_path / "runs" / "train" / "r2", base, 2)
+    with pytest.raises(resume.ResumeError, match="already trained 2 epochs"):
+        resume.plan(_resume_cfg(tiny_shapes, tmp_path, last2, "epochs=1"), given=["epochs"])
 
 
 def test_resume_with_another_dataset_is_refused(tiny_shapes, tmp_path):
