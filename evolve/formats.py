@@ -23,6 +23,7 @@ import yaml
 
 from evolve import mutation
 from evolve.space import HYP_KEYS
+from yolo.errors import UserError
 from yolo.utils.files import atomic_write_text
 
 log = logging.getLogger("yolo.evolve")
@@ -31,6 +32,10 @@ METRIC_KEYS: tuple[str, ...] = ("metrics/precision", "metrics/recall", "metrics/
                                 "val/box_loss", "val/obj_loss", "val/cls_loss")
 FIELD_WIDTH = 20
 CSV_NAME, YAML_NAME, PNG_NAME = "evolve.csv", "hyp_evolve.yaml", "evolve.png"
+
+
+class EvolveCsvError(UserError, ValueError):
+    """An evolve.csv that cannot be read as one (the message names the file and line)."""
 
 
 @dataclass
@@ -74,10 +79,10 @@ def read_evolve_csv(path: str | os.PathLike) -> tuple[list[str], list[Row]]:
     reader = csv.reader(io.StringIO(text))
     lines = [[f.strip() for f in line] for line in reader if any(f.strip() for f in line)]
     if not lines:
-        raise ValueError(f"{path}: empty evolve.csv")
+        raise EvolveCsvError(f"{path}: empty evolve.csv")
     header = lines[0]
     if tuple(header[: len(METRIC_KEYS)]) != METRIC_KEYS:
-        raise ValueError(f"{path}: not an evolve.csv: the first columns must be {', '.join(METRIC_KEYS)}, "
+        raise EvolveCsvError(f"{path}: not an evolve.csv: the first columns must be {', '.join(METRIC_KEYS)}, "
                          f"got {', '.join(header[:len(METRIC_KEYS)])}")
     columns = header[len(METRIC_KEYS):]
     unknown = [c for c in columns if c not in HYP_KEYS]
@@ -86,11 +91,11 @@ def read_evolve_csv(path: str | os.PathLike) -> tuple[list[str], list[Row]]:
     rows = []
     for i, line in enumerate(lines[1:], start=2):
         if len(line) != len(header):
-            raise ValueError(f"{path}:{i}: {len(line)} fields, header has {len(header)}")
+            raise EvolveCsvError(f"{path}:{i}: {len(line)} fields, header has {len(header)}")
         try:
             vals = [float(x) for x in line]
         except ValueError:
-            raise ValueError(f"{path}:{i}: non-numeric field in {line}") from None
+            raise EvolveCsvError(f"{path}:{i}: non-numeric field in {line}") from None
         metrics = tuple(vals[: len(METRIC_KEYS)])
         hyp = {c: v for c, v in zip(columns, vals[len(METRIC_KEYS):]) if c in HYP_KEYS}
         rows.append(Row(metrics, hyp))

@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evolve import mutation
 from evolve import optuna_internals as oi
 from evolve.space import SearchSpace
+from yolo.errors import ConfigError
 
 log = logging.getLogger("yolo.evolve")
 
@@ -41,7 +42,7 @@ def canonical_strategy(name: str) -> str:
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
     if key not in STRATEGIES:
-        raise ValueError(f"evolve.strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+        raise ConfigError(f"evolve.strategy: must be one of {', '.join(STRATEGIES)}, got {name!r}")
     return key
 
 
@@ -78,7 +79,7 @@ class MutationSampler(BaseSampler):
                  parent: str = "single", top: int = mutation.TOP_N, mutation_prob: float = mutation.MUTATION_PROB,
                  sigma: float = mutation.SIGMA) -> None:
         if parent not in mutation.PARENT_METHODS:
-            raise ValueError(f"evolve.parent must be one of {mutation.PARENT_METHODS}, got {parent!r}")
+            raise ConfigError(f"evolve.parent: must be one of {mutation.PARENT_METHODS}, got {parent!r}")
         self.space = space
         self.base = {k: v for k, v in base.items() if v is not None}
         self.seed = seed

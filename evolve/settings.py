@@ -21,6 +21,7 @@ from evolve.space import HYP_KEYS, build_space, csv_columns
 from evolve.storages import open_storage
 from yolo.config import MlflowConfig, TrainConfig
 from yolo.train import train
+from yolo.errors import ConfigError
 from yolo.tracking import resolve_tracking_uri
 from yolo.tracking.names import generation_run_name
 from yolo.utils.redact import redact_url
@@ -47,19 +48,19 @@ class Setup:
         self.strategy = samplers.canonical_strategy(ev.strategy)
         self.pruner_name = str(ev.pruner or "none").lower()
         if self.pruner_name not in PRUNERS:
-            raise ValueError(f"evolve.pruner must be one of {PRUNERS}, got {ev.pruner!r}")
+            raise ConfigError(f"evolve.pruner: must be one of {PRUNERS}, got {ev.pruner!r}")
         self.pruning = self.pruner_name != "none"
         if ev.parent not in mutation.PARENT_METHODS:
-            raise ValueError(f"evolve.parent must be one of {mutation.PARENT_METHODS}, got {ev.parent!r}")
+            raise ConfigError(f"evolve.parent: must be one of {mutation.PARENT_METHODS}, got {ev.parent!r}")
         if int(cfg.generations) < 0 or int(ev.workers) < 1:
-            raise ValueError(f"generations must be >= 0 and evolve.workers >= 1, got {cfg.generations}, {ev.workers}")
+            raise ConfigError(f"generations, evolve.workers: must be >= 0 and >= 1, got {cfg.generations}, {ev.workers}")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
         hyp = OmegaConf.to_container(cfg.hyp, resolve=True)
         self.space, self.base = build_space(
             OmegaConf.to_container(ev.space, resolve=True) if ev.space else {}, hyp, weights=cfg.weights,
             noautoanchor=cfg.noautoanchor, search_anchors=ev.search_anchors, model_cfg=model_cfg)
         if not self.space.bounds:
-            raise ValueError("evolve.space is empty: nothing to search (is conf/evolve_space/default.yaml composed?)")
+            raise ConfigError("evolve.space is empty: nothing to search (is conf/evolve_space/default.yaml composed?)")
         self.columns = csv_columns(self.base)
         self.storage_kind, self.storage_where = describe_storage(ev.storage, self.out_dir)
         self.study_name = str(ev.study_name)
@@ -154,6 +155,6 @@ def resolve_train_fn(train_fn: Callable | str | None) -> Callable:
     if isinstance(train_fn, str) and train_fn:
         module, _, name = train_fn.partition(":")
         if not name:
-            raise ValueError(f"evolve.train_fn must look like 'package.module:function', got {train_fn!r}")
+            raise ConfigError(f"evolve.train_fn: must look like 'package.module:function', got {train_fn!r}")
         return getattr(importlib.import_module(module), name)
     return train

@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evolve.mutation import constrain
+from yolo.config import HYP_KEYS as SCHEMA_HYP_KEYS
+from yolo.errors import ConfigError
 
 log = logging.getLogger("yolo.evolve")
 
-# The order of the training hyps (yolo.config.HypConfig): evolve.csv columns and mutation vectors follow it.
-HYP_KEYS: tuple[str, ...] = (
-    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box", "cls",
-    "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate",
-    "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste", "anchors",
-)
+# The order of the training hyps: evolve.csv columns and mutation vectors follow the hyp schema (one home).
+HYP_KEYS: tuple[str, ...] = SCHEMA_HYP_KEYS
 
 DEFAULT_ANCHORS = 3.0  # anchors per level that upstream assumes when the hyps do not say
 
@@ -82,17 +80,17 @@ def parse_table(table: Mapping[str, Any], known: Sequence[str] = HYP_KEYS) -> di
     out: dict[str, Bound] = {}
     for key, row in dict(table).items():
         if key not in known:
-            raise ValueError(f"evolve.space: unknown hyperparameter {key!r} (known: {', '.join(known)})")
+            raise ConfigError(f"evolve.space: unknown hyperparameter {key!r} (known: {', '.join(known)})")
         try:
             gain, lower, upper = (float(x) for x in row)
         except (TypeError, ValueError):
-            raise ValueError(f"evolve.space.{key}: expected [gain, lower, upper], got {row!r}") from None
+            raise ConfigError(f"evolve.space.{key}: expected [gain, lower, upper], got {row!r}") from None
         if not all(math.isfinite(x) for x in (gain, lower, upper)):
-            raise ValueError(f"evolve.space.{key}: values must be finite, got {row!r}")
+            raise ConfigError(f"evolve.space.{key}: values must be finite, got {row!r}")
         if gain < 0:
-            raise ValueError(f"evolve.space.{key}: gain must be >= 0, got {gain}")
+            raise ConfigError(f"evolve.space.{key}: gain must be >= 0, got {gain}")
         if lower > upper:
-            raise ValueError(f"evolve.space.{key}: lower limit {lower} is above upper limit {upper}")
+            raise ConfigError(f"evolve.space.{key}: lower limit {lower} is above upper limit {upper}")
         out[key] = Bound(gain, lower, upper)
     return out
 
@@ -155,7 +153,7 @@ def build_space(
         if k not in bounds and k not in excluded:
             excluded[k] = "not in evolve.space"
         if base[k] is None and k in bounds:
-            raise ValueError(f"evolve: hyp.{k} has no value but evolve.space searches it")
+            raise ConfigError(f"hyp.{k}: has no value but evolve.space searches it")
     ordered = {k: bounds[k] for k in HYP_KEYS if k in bounds}
     space = SearchSpace(ordered, excluded)
     base.update(constrain({k: base[k] for k in ordered}, space.limits()))

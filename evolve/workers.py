@@ -25,6 +25,7 @@ from evolve.formats import export_outputs
 from evolve.rows import study_rows
 from evolve.settings import PARENT_ATTR, Setup, resolve_train_fn
 from evolve.trial import fail, run_trial
+from yolo.errors import ConfigError
 
 log = logging.getLogger("yolo.evolve")
 
@@ -158,7 +159,7 @@ def run_processes(setup: Setup, study: optuna.Study, train_fn: Any,
         try:
             pickle.dumps(train_fn)
         except Exception:
-            raise ValueError("evolve.workers > 1 needs an importable train_fn (a module-level function), "
+            raise ConfigError("evolve.workers: > 1 needs an importable train_fn (a module-level function), "
                              "or evolve.train_fn='package.module:function'") from None
     container = OmegaConf.to_container(setup.cfg, resolve=True)
     container["evolve"]["out_dir"] = str(setup.out_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from yolo.errors import UserError
-from yolo.utils.files import atomic_write_text
+from yolo.utils.files import atomic_write_text, try_lock
 
 MARKER = "run.json"
 LOCK = ".run.lock"
@@ -93,7 +93,7 @@ class RunHold:
     def acquire(self) -> RunHold:
         self.folder.mkdir(parents=True, exist_ok=True)
         fh = open(self.folder / LOCK, "a+")
-        if not _try_lock(fh):
+        if not try_lock(fh):
             fh.seek(0)
             holder = fh.read(200).strip().replace("\n", " ")
             fh.close()
@@ -117,24 +117,6 @@ class RunHold:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def _try_lock(fh: IO) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # deferred: Windows has msvcrt instead of fcntl
-        import msvcrt
-
-        try:
-            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def check_free(folder: str | os.PathLike, exist_ok: bool = False) -> None:

@@ -163,3 +163,24 @@ def _unlock(fh: IO) -> None:
         msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
         return
     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def try_lock(fh: IO) -> bool:
+    """Take an exclusive lock on the open file ``fh`` without waiting: False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # deferred: Windows has msvcrt instead of fcntl
+        import msvcrt
+
+        fh.seek(0)
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
