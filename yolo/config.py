@@ -258,7 +258,7 @@ class TrainConfig:
     nosave: bool = False
     noautoanchor: bool = False
     noplots: bool = False
-    amp: bool = True
+    amp: str = choice("auto", "auto", "off", "bf16", "fp16", "true", "false")  # mixed precision (true: auto)
     conf_thres: float = num(0.001, ge=0, le=1)
     iou_thres: float = num(0.6, ge=0, le=1)
     max_det: int = num(300, ge=1)

@@ -8,6 +8,7 @@ before that loss reaches the weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yolo.engine import distributed
+from yolo.engine.precision import Precision
 from yolo.errors import UserError
 
 PROGRESS_HEADER = ("%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
@@ -76,13 +78,14 @@ def diverged_message(loss: torch.Tensor, epoch: int, batch: int, last: Path | No
 
 def train_one_epoch(model: nn.Module, loader, compute_loss: Callable, stepper: Stepper, device: torch.device,
                     epoch: int, epochs: int, *, warmup: Callable[[int, int], int | None] = lambda ni, e: None,
-                    resize: Callable[[torch.Tensor], torch.Tensor] | None = None, amp: bool = False,
+                    resize: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision | None = None,
                     on_batch: Callable[[int, tuple], None] | None = None, show: bool = True,
                     last_checkpoint: Path | None = None) -> torch.Tensor:
     """Train ``model`` for one pass over ``loader``; returns the mean (box, obj, cls) loss of the epoch.
 
     ``warmup(ni, epoch)`` may set learning rates for global batch ``ni`` and return the accumulation to use;
-    ``resize`` changes a batch's size (multi-scale); ``on_batch(i, (imgs, targets, paths))`` sees each batch.
+    ``resize`` changes a batch's size (multi-scale); ``precision`` runs the forward pass and the loss under
+    autocast (weights, optimizer and EMA stay fp32); ``on_batch(i, (imgs, targets, paths))`` sees each batch.
     """
     model.train()
     nb = len(loader)
@@ -99,7 +102,7 @@ def train_one_epoch(model: nn.Module, loader, compute_loss: Callable, stepper: S
             imgs = resize(imgs)
         step_now = stepper.due(ni)
         with distributed.gradient_sync(model, step_now):
-            with torch.autocast(device_type=device.type, enabled=amp):
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
                 loss, loss_items = compute_loss(model(imgs), targets.to(device))
             if not bool(torch.isfinite(loss).all()):
                 raise TrainingDiverged(diverged_message(loss, epoch, i, last_checkpoint))

@@ -30,7 +30,7 @@ from yolo.config import check_train_config, data_source
 from yolo.data.config import ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
 from yolo.ema import ModelEMA
-from yolo.engine import distributed, resume, results_csv, run_dir
+from yolo.engine import distributed, precision, resume, results_csv, run_dir
 from yolo.engine.callbacks import CallbackList, StopTraining
 from yolo.engine.distributed import DistInfo
 from yolo.engine.loop import PROGRESS_HEADER, Stepper, multi_scale, train_one_epoch
@@ -193,7 +193,7 @@ class Trainer:
         self.device = distributed.setup(cfg.device, self.info)
         self._open_run_dir()
         init_seeds(cfg.seed + 1, deterministic=cfg.deterministic)
-        self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        self.precision = precision.choose(cfg.amp, self.device)
         self.py_rng = random.Random(cfg.seed)
         self._setup_data()
         self._setup_model()
@@ -314,7 +314,11 @@ class Trainer:
         self.net = model  # the bare model (DDP wraps it below)
         self.model = distributed.wrap_model(model, self.device, self.info, sync_bn=cfg.sync_bn)
         self.compute_loss = ComputeLoss(self.model, loss_hyp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        checked = precision.check_amp(model, self.precision) if self.main else None  # upstream's AMP check
+        self.precision = distributed.broadcast(checked, self.info)
+        log.info(self.precision.describe())
+        self.half_val = self.precision.mode == "fp16"  # fp16 validation on CUDA, as upstream; else fp32
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scaler)
         self.stepper = Stepper(self.model, self.optimizer, self.scaler, self.ema, self.info.world_size,
                                accumulate_steps(self.batch_size))
         self.nw = warmup_iterations(cfg.hyp.warmup_epochs, len(self.train_loader))
@@ -370,7 +374,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.mloss = train_one_epoch(
             self.model, self.train_loader, self.compute_loss, self.stepper, self.device, epoch, cfg.epochs,
-            warmup=self._warmup, resize=self._resize if cfg.multi_scale else None, amp=self.amp,
+            warmup=self._warmup, resize=self._resize if cfg.multi_scale else None, precision=self.precision,
             on_batch=self._on_batch, show=self.main, last_checkpoint=self.last)
         self.lr = [g["lr"] for g in self.optimizer.param_groups]
         self.scheduler.step()
@@ -397,7 +401,7 @@ class Trainer:
         if not cfg.noval or final_epoch:
             self.val_res = validate(self.ema.ema, self.val_loader, self.names, conf_thres=cfg.conf_thres,
                                     iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
-                                    half=self.amp, compute_loss=self.compute_loss, plots=False)
+                                    half=self.half_val, compute_loss=self.compute_loss, plots=False)
             self.maps = self.val_res.maps
 
     def end_epoch(self) -> _Stop | None:
@@ -463,7 +467,7 @@ class Trainer:
             log.info(f"\nValidating {self.best}...")
             self.val_res = validate(best_model, self.val_loader, self.names, conf_thres=cfg.conf_thres,
                                     iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
-                                    half=self.amp, compute_loss=self.compute_loss, save_dir=self.save_dir,
+                                    half=self.half_val, compute_loss=self.compute_loss, save_dir=self.save_dir,
                                     plots=not cfg.noplots, verbose=True)
             for line in self.val_res.table:
                 log.info(line)

@@ -42,6 +42,8 @@ class MlflowCallback:
         run_id = getattr(self.tracker, "run_id", None) if self.tracker is not None else None
         trainer.results.mlflow_run_id = run_id
         trainer.ckpt_extra["mlflow_run_id"] = run_id  # a resume continues this run
+        p = trainer.precision
+        self._call("log_params", {"amp_chosen": p.mode, "amp_reason": p.reason})
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         self._call("log_metrics", trainer.metrics, step=trainer.epoch)
