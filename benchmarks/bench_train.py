@@ -1,16 +1,19 @@
 """Training speed, ours vs upstream YOLOv5 7.0.14, on CPU (not part of CI).
 
-    python benchmarks/bench_train.py --models yolov5n yolov5s --epochs 3
+    python benchmarks/bench_train.py --models yolov5n yolov5s --epochs 3 --rounds 2 --amp auto off
 
 Both sides train from scratch on COCO128 at imgsz 320, batch 16, 2 workers, hyp scratch-low, no plots, each in its
 own process, alternating.  Images/s = 128 images / the training time of an epoch (the batch loop only, validation
 excluded), median over the epochs after the first.  Peak memory is the largest resident set of any process of the
-run (main or loader worker), from getrusage.
+run (main or loader worker), from getrusage.  Ours runs once per ``--amp`` value (``auto``: bf16 autocast on a CPU
+with fast bf16, fp32 elsewhere; ``off``: fp32); upstream trains in fp32 on a CPU (its AMP is CUDA only).  With
+``--rounds N`` the whole sequence repeats N times and the summary gives the median of the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -26,7 +29,7 @@ from upstream import ROOT, SHARED, coco128_yaml, run_upstream  # noqa: E402
 N_IMAGES = 128
 
 
-def ours(model: str, epochs: int, work: Path) -> dict:
+def ours(model: str, epochs: int, work: Path, amp: str = "auto") -> dict:
     code = f"""
 import json, sys
 sys.argv = ['run_train.py']
@@ -35,7 +38,7 @@ from hydra import compose, initialize_config_dir
 from yolo.train import train
 with initialize_config_dir(version_base='1.3', config_dir='{ROOT / 'conf'}'):
     cfg = compose('train', ['model={model}', 'data=coco128', 'imgsz=320', 'batch_size=16', 'epochs={epochs}',
-                            'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false',
+                            'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false', 'amp={amp}',
                             'project={work / 'ours'}'])
 r = train(cfg)
 import resource
@@ -82,16 +85,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov5s"])
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--amp", nargs="+", default=["auto", "off"], help="our precision settings to run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    print(f"{'model':10}{'side':10}{'img/s':>8}{'peak RSS MB':>13}  epoch seconds")
+    sides = [("upstream", upstream)] + [(f"ours amp={a}", functools.partial(ours, amp=a)) for a in args.amp]
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    print(f"{'model':10}{'side':16}{'img/s':>8}{'peak RSS MB':>13}  epoch seconds")
+    for _ in range(args.rounds):
+        for model in args.models:
+            for side, fn in sides:
+                r = fn(model, args.epochs, work)
+                times = r["epoch_s"][1:] or r["epoch_s"]
+                ips = N_IMAGES / statistics.median(times)
+                runs.setdefault((model, side), []).append((ips, r["rss_mb"]))
+                print(f"{model:10}{side:16}{ips:8.1f}{r['rss_mb']:13.0f}  {[round(t, 1) for t in r['epoch_s']]}",
+                      flush=True)
+    print(f"\nmedians of {args.rounds} round(s); ratio = ours / upstream")
     for model in args.models:
-        for side, fn in (("upstream", upstream), ("ours", ours)):
-            r = fn(model, args.epochs, work)
-            times = r["epoch_s"][1:] or r["epoch_s"]
-            ips = N_IMAGES / statistics.median(times)
-            print(f"{model:10}{side:10}{ips:8.1f}{r['rss_mb']:13.0f}  {[round(t, 1) for t in r['epoch_s']]}",
-                  flush=True)
+        up = statistics.median(ips for ips, _ in runs[(model, "upstream")])
+        for side, _ in sides:
+            ips = statistics.median(v for v, _ in runs[(model, side)])
+            rss = max(m for _, m in runs[(model, side)])
+            print(f"{model:10}{side:16}{ips:8.1f} img/s  ratio {ips / up:5.2f}  peak RSS {rss:6.0f} MB")
 
 
 if __name__ == "__main__":
