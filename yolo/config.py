@@ -153,6 +153,8 @@ class ValConfig:
     workers: int = num(2, ge=0)
     single_cls: bool = False
     half: bool = False
+    # mixed precision for the forward pass; off by default: exact parity with upstream's fp32 figures
+    amp: str = choice("off", "auto", "off", "bf16", "fp16", "true", "false")
     fuse: bool = True
     verbose: bool = False
     plots: bool = True

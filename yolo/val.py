@@ -25,6 +25,8 @@ from yolo.config import check_val_config, data_source  # also registers the conf
 from yolo.data.config import DatasetError, ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
 from yolo.device import select_device, sync_time
+from yolo.engine.precision import Precision
+from yolo.engine.precision import choose as choose_precision
 from yolo.engine.setup import check_img_size, hydra_output_dir
 from yolo.errors import ConfigError
 from yolo.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
@@ -91,6 +93,7 @@ def validate(
     max_det: int = 300,
     single_cls: bool = False,
     half: bool = False,
+    precision: Precision | None = None,
     compute_loss: Callable | None = None,
     save_dir: Path | None = None,
     plots: bool = False,
@@ -128,7 +131,12 @@ def validate(
         bs, _, height, width = im.shape
         t1 = sync_time(device)
 
-        out, train_out = model(im)
+        if precision is not None and precision.enabled:
+            with precision.autocast():
+                out, train_out = model(im)
+            out, train_out = out.float(), [x.float() for x in train_out]
+        else:
+            out, train_out = model(im)
         t2 = sync_time(device)
         if compute_loss is not None:
             loss += compute_loss(train_out, targets)[1]
@@ -239,12 +247,15 @@ def run(cfg) -> ValResults:
     check_val_config(cfg)
     model = load_weights(cfg)
     device = select_device(cfg.device)
+    amp = choose_precision(cfg.amp, device)  # an impossible choice fails before any data is read
     data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
     split = data.split(cfg.split)
     if not cfg.single_cls and model.nc != data.nc:
         raise DatasetError(f"{cfg.weights} predicts {model.nc} classes but {data.source or data.path} has "
                            f"nc={data.nc}: pass the data config the weights were trained on")
     model.to(device)
+    if amp.enabled:
+        log.info(amp.describe())
     if cfg.half and device.type == "cuda":
         model.half()
     stride = int(max(model.stride.max().item(), 32))
@@ -254,8 +265,8 @@ def run(cfg) -> ValResults:
                                   prefix="val: ")
     save_dir = hydra_output_dir()
     res = validate(model, loader, data.names, conf_thres=cfg.conf_thres, iou_thres=cfg.iou_thres,
-                   max_det=cfg.max_det, single_cls=cfg.single_cls, half=cfg.half, save_dir=save_dir,
-                   plots=cfg.plots, verbose=cfg.verbose, save_json=cfg.save_json)
+                   max_det=cfg.max_det, single_cls=cfg.single_cls, half=cfg.half, precision=amp,
+                   save_dir=save_dir, plots=cfg.plots, verbose=cfg.verbose, save_json=cfg.save_json)
     for line in res.table:
         log.info(line)
     pre, inf, nms = res.speed_ms
