@@ -83,6 +83,15 @@ def _label_boxes_to_native(labels: torch.Tensor, input_hw: Sequence[int], native
 
 
 @torch.inference_mode()
+def forward(model: torch.nn.Module, im: torch.Tensor, precision: Precision | None = None):
+    """The model's (inference, training) outputs for ``im``; under autocast when ``precision`` asks, as fp32."""
+    if precision is None or not precision.enabled:
+        return model(im)
+    with precision.autocast():
+        out, train_out = model(im)
+    return out.float(), [x.float() for x in train_out]
+
+
 def validate(
     model: torch.nn.Module,
     dataloader,
@@ -131,12 +140,7 @@ def validate(
         bs, _, height, width = im.shape
         t1 = sync_time(device)
 
-        if precision is not None and precision.enabled:
-            with precision.autocast():
-                out, train_out = model(im)
-            out, train_out = out.float(), [x.float() for x in train_out]
-        else:
-            out, train_out = model(im)
+        out, train_out = forward(model, im, precision)
         t2 = sync_time(device)
         if compute_loss is not None:
             loss += compute_loss(train_out, targets)[1]
