@@ -7,7 +7,9 @@ own process, alternating.  Images/s = 128 images / the training time of an epoch
 excluded), median over the epochs after the first.  Peak memory is the largest resident set of any process of the
 run (main or loader worker), from getrusage.  Ours runs once per ``--amp`` value (``auto``: bf16 autocast on a CPU
 with fast bf16, fp32 elsewhere; ``off``: fp32); upstream trains in fp32 on a CPU (its AMP is CUDA only).  With
-``--rounds N`` the whole sequence repeats N times and the summary gives the median of the rounds.
+``--rounds N`` the whole sequence repeats N times and the summary gives the median of the rounds.  ``--baseline
+PATH`` adds another checkout of this project (an earlier commit, e.g. from ``git worktree add``) to the alternation,
+in fp32 when it predates the ``amp`` setting, for before/after figures of a change.
 """
 
 from __future__ import annotations
@@ -29,16 +31,24 @@ from upstream import ROOT, SHARED, coco128_yaml, run_upstream  # noqa: E402
 N_IMAGES = 128
 
 
-def ours(model: str, epochs: int, work: Path, amp: str = "auto") -> dict:
+def ours(model: str, epochs: int, work: Path, amp: str = "auto", root: Path = ROOT) -> dict:
+    has_amp = "amp" in (root / "yolo" / "config.py").read_text()
+    amp_override = f"'amp={amp}', " if has_amp else ""
     code = f"""
 import json, sys
 sys.argv = ['run_train.py']
+# this checkout, not the one installed in the venv (an editable install's finder would take precedence)
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path.insert(0, '{root}')
 import yolo.config
 from hydra import compose, initialize_config_dir
-from yolo.train import train
-with initialize_config_dir(version_base='1.3', config_dir='{ROOT / 'conf'}'):
+try:
+    from yolo.train import train
+except ImportError:  # a baseline from before the trainer had its own module
+    from yolo.engine.trainer import train
+with initialize_config_dir(version_base='1.3', config_dir='{root / 'conf'}'):
     cfg = compose('train', ['model={model}', 'data=coco128', 'imgsz=320', 'batch_size=16', 'epochs={epochs}',
-                            'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false', 'amp={amp}',
+                            'workers=2', 'device=cpu', 'noplots=true', 'mlflow.enabled=false', {amp_override}
                             'project={work / 'ours'}'])
 r = train(cfg)
 import resource
@@ -46,7 +56,7 @@ rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resour
 print('RESULT', json.dumps({{'epoch_s': [h['time/epoch_train_s'] for h in r.history], 'rss_mb': rss}}))
 """
     env = dict(os.environ, DATASETS_DIR=str(SHARED / "datasets"))
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     m = re.search(r"RESULT (.*)", out.stdout)
     if not m:
         raise SystemExit(f"ours failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -87,9 +97,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--amp", nargs="+", default=["auto", "off"], help="our precision settings to run")
+    ap.add_argument("--baseline", type=Path, help="another checkout of ours to run too (before/after a change)")
+    ap.add_argument("--no-upstream", action="store_true", help="leave upstream out (ratios are then to the first side)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    sides = [("upstream", upstream)] + [(f"ours amp={a}", functools.partial(ours, amp=a)) for a in args.amp]
+    sides = [] if args.no_upstream else [("upstream", upstream)]
+    if args.baseline:
+        sides.append(("baseline", functools.partial(ours, amp="off", root=args.baseline.resolve())))
+    sides += [(f"ours amp={a}", functools.partial(ours, amp=a)) for a in args.amp]
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print(f"{'model':10}{'side':16}{'img/s':>8}{'peak RSS MB':>13}  epoch seconds")
     for _ in range(args.rounds):
@@ -101,9 +116,9 @@ def main() -> None:
                 runs.setdefault((model, side), []).append((ips, r["rss_mb"]))
                 print(f"{model:10}{side:16}{ips:8.1f}{r['rss_mb']:13.0f}  {[round(t, 1) for t in r['epoch_s']]}",
                       flush=True)
-    print(f"\nmedians of {args.rounds} round(s); ratio = ours / upstream")
+    print(f"\nmedians of {args.rounds} round(s); ratio = side / {sides[0][0]}")
     for model in args.models:
-        up = statistics.median(ips for ips, _ in runs[(model, "upstream")])
+        up = statistics.median(ips for ips, _ in runs[(model, sides[0][0])])
         for side, _ in sides:
             ips = statistics.median(v for v, _ in runs[(model, side)])
             rss = max(m for _, m in runs[(model, side)])
