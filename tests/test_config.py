@@ -75,7 +75,7 @@ BAD_TRAIN = [
     ("label_smoothing=1", "label_smoothing: must be in [0, 1)"),
     ("iou_thres=1.5", "iou_thres: must be in [0, 1]"),
     ("mlflow.timeout_s=0", "mlflow.timeout_s: must be > 0"),
-    ("cache=foo", "cache: must be one of ram, disk, none, false"),
+    ("cache=foo", "cache: must be one of auto, ram, disk, none, false"),
     ("freeze=[100]", "freeze: [100] freezes the first 100 layers but the model has 25"),
     ("freeze=[0,30]", "freeze: layers [30] do not exist"),
     ("freeze=[-1]", "freeze: must be layer indices >= 0"),
@@ -101,7 +101,7 @@ def test_train_refuses_before_reading_data(override, message, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written: the run had not started
 
 
-@pytest.mark.parametrize("override", ["cache=false", "cache=none", "cache=ram", "cache=disk", "cache=null",
+@pytest.mark.parametrize("override", ["cache=false", "cache=none", "cache=ram", "cache=disk", "cache=null", "cache=auto",
                                       "imgsz=100", "freeze=[25]", "freeze=[0,1,24]", "hyp.anchors=3",
                                       "hyp.mosaic=0", "hyp.fliplr=1", "device=cpu", "device=auto"])
 def test_train_accepts_sound_values(override):

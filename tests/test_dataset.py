@@ -191,6 +191,27 @@ def test_ram_cache_gives_identical_samples(toy):
         assert torch.equal(plain[i][0], cached[i][0])
 
 
+def test_auto_cache_keeps_images_in_ram_only_when_they_fit(toy, monkeypatch, caplog):
+    import yolo.data.dataset as ds
+
+    plain = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3)
+    with caplog.at_level("INFO", logger="yolo"):
+        auto = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3, cache="auto")
+    assert auto.cache_bytes > 0 and all(im is not None for im in auto.ims)
+    assert "cache=auto: ram" in caplog.text
+    assert all(torch.equal(plain[i][0], auto[i][0]) for i in range(len(plain)))
+    # over the limit (or over the share of the available memory): no cache, and the line says why
+    monkeypatch.setattr(ds, "AUTO_CACHE_MAX_BYTES", auto.cache_bytes // 2)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="yolo"):
+        big = YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3, cache="auto")
+    assert big.cache_bytes == 0 and all(im is None for im in big.ims)
+    assert "cache=auto: none" in caplog.text and "over the" in caplog.text
+    monkeypatch.setattr(ds, "AUTO_CACHE_MAX_BYTES", 2**40)
+    monkeypatch.setattr(ds, "_available_memory", lambda: auto.cache_bytes)  # 25% of it is too little
+    assert YoloDataset(toy, img_size=64, augment=True, hyp=HYP, nc=3, cache="auto").cache_bytes == 0
+
+
 def test_disk_cache_falls_back_when_folder_read_only(toy, tmp_path):
     toy.chmod(0o555)
     try:

@@ -32,7 +32,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from yolo.errors import ConfigError
 
 DATASETS_DIR = "${oc.env:DATASETS_DIR,datasets}"
-CACHE_VALUES = ("ram", "disk", "none", "false")
+CACHE_VALUES = ("auto", "ram", "disk", "none", "false")
 
 
 # ---- what a value may be: rules attached to schema fields ------------------------------------------------------
@@ -245,7 +245,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     resume: Any = False  # false, true (latest run) or a path to last.pt
-    cache: Optional[str] = choice(None, *CACHE_VALUES)  # ram | disk (none, false: no cache)
+    # auto: ram when the resized images fit a small share of the memory (yolo.data.dataset.AUTO_CACHE_*), else none
+    cache: Optional[str] = choice("auto", *CACHE_VALUES)  # auto | ram | disk | none (false, null: no cache)
     rect: bool = False
     multi_scale: bool = False
     single_cls: bool = False

@@ -48,6 +48,10 @@ log = logging.getLogger("yolo")
 AUGMENT_DEFAULTS = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.5, shear=0.0,
                         perspective=0.0, flipud=0.0, fliplr=0.5, mosaic=1.0, mixup=0.0, copy_paste=0.0)
 RAM_SAFETY = 0.1  # keep this fraction of the available memory free when caching images in RAM
+# cache="auto" keeps the resized images in RAM when they take at most this share of the available memory and at
+# most this many bytes: decoding JPEGs in the loader workers otherwise competes with training for the CPU cores
+AUTO_CACHE_SHARE = 0.25
+AUTO_CACHE_MAX_BYTES = 4 * 2**30
 
 
 class Draw(NamedTuple):
@@ -125,7 +129,9 @@ class YoloDataset(Dataset):
     being ``((h0, w0), ((h / h0, w / w0), (dw, dh)))`` for a letterboxed image and ``None`` for a mosaic.
     Attributes the trainer uses: ``labels`` (per image ``(n, 5)`` ``cls cx cy w h`` normalised), ``shapes``
     (``(n, 2)`` width, height), ``im_files``, ``batch_shapes`` (rect mode), ``n``.
-    ``cache``: ``'ram'`` (or True) keeps resized images in memory, ``'disk'`` keeps decoded ones as ``.npy``.
+    ``cache``: ``'ram'`` (or True) keeps resized images in memory, ``'disk'`` keeps decoded ones as ``.npy``,
+    ``'auto'`` is ``'ram'`` when they fit :data:`AUTO_CACHE_SHARE` of the available memory and
+    :data:`AUTO_CACHE_MAX_BYTES`, else no cache. A cached image is the same array the loader would have decoded.
     """
 
     def __init__(self, img_path, img_size: int = 640, batch_size: int = 16, augment: bool = False,
@@ -163,6 +169,10 @@ class YoloDataset(Dataset):
         self.im_hw: list[tuple[int, int] | None] = [None] * self.n
         self.npy_files: list[Path | None] = [None] * self.n
         self.cache_bytes = 0
+        if isinstance(cache, str):
+            cache = None if cache.lower() in ("none", "false") else cache.lower()
+        if cache == "auto":
+            cache = "ram" if self._auto_cache_fits() else None
         if cache:
             self.cache_images("ram" if cache is True else cache, workers)
 
@@ -234,11 +244,24 @@ class YoloDataset(Dataset):
             atomic_write(npy, lambda f: np.save(f, im, allow_pickle=False))
         return npy
 
-    def _ram_cache_fits(self) -> bool:
-        """Estimate the resized images' size from up to 30 of them; compare with the available memory."""
+    def _ram_cache_bytes(self) -> float:
+        """The resized images' size in bytes, estimated from up to 30 of them."""
         sample = np.linspace(0, self.n - 1, min(self.n, 30)).astype(int)
         w, h = self.shapes[sample].T
-        need = float(((self.img_size / np.maximum(w, h)) ** 2 * w * h * 3).mean() * self.n)
+        return float(((self.img_size / np.maximum(w, h)) ** 2 * w * h * 3).mean() * self.n)
+
+    def _auto_cache_fits(self) -> bool:
+        """``cache=auto``: RAM when the images take little memory (one line saying which, and why)."""
+        need, avail = self._ram_cache_bytes(), _available_memory()
+        limit = min(AUTO_CACHE_MAX_BYTES, AUTO_CACHE_SHARE * avail) if avail is not None else AUTO_CACHE_MAX_BYTES
+        fits = need <= limit
+        log.info(f"{self.prefix}cache=auto: {'ram' if fits else 'none'} ({need / 2**20:.0f} MB of images, "
+                 f"{'within' if fits else 'over'} the {limit / 2**20:.0f} MB limit)")
+        return fits
+
+    def _ram_cache_fits(self) -> bool:
+        """Compare the resized images' estimated size with the available memory."""
+        need = self._ram_cache_bytes()
         avail = _available_memory()
         if avail is not None and need * (1 + RAM_SAFETY) > avail:
             log.warning(f"{self.prefix}WARNING: {need / 2**30:.1f}GB RAM needed to cache images, "
