@@ -110,8 +110,8 @@ def test_train_command_names_files_by_their_paths():
     ("- 1\n- 2\n", "ERROR: hyp: {path} holds no hyp settings (a mapping of HypConfig's keys)"),
     (None, "ERROR: hyp: no such file: {path}"),
 ], ids=["unknown-key", "bad-value", "wrong-type", "not-a-mapping", "missing"])
-@pytest.mark.parametrize("entry,config", [("yolo.train_cli", "train"), ("evolve.cli", "evolve")])
-def test_a_bad_hyp_file_is_one_error_line(entry, config, text, line, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("entry", ["yolo.run_train", "evolve.run_evolve"])
+def test_a_bad_hyp_file_is_one_error_line(entry, text, line, tmp_path, monkeypatch, capsys):
     path = tmp_path / "hyp.yaml"
     if text is not None:
         path.write_text(text)
@@ -128,7 +128,7 @@ def test_a_bad_model_file_is_one_error_line(tmp_path, monkeypatch, capsys):
     path.write_text((CONF / "model" / "yolov5n.yaml").read_text().replace("width_multiple: 0.25", "width_multiple: -1"))
     monkeypatch.setattr(sys, "argv", ["yolo-train", f"model={path}"])
     with pytest.raises(SystemExit):
-        importlib.import_module("yolo.train_cli").main()
+        importlib.import_module("yolo.run_train").main()
     assert capsys.readouterr().err == f"ERROR: model.width_multiple: must be > 0, got -1 (in {path})\n"
 
 
@@ -166,7 +166,8 @@ def test_paths_work_from_another_directory(tmp_path):
 
 
 # ---- console commands and --help ----------------------------------------------------------------------------------
-SCRIPTS = {"yolo-evolve": "evolve.cli:main", "yolo-train": "yolo.train_cli:main", "yolo-val": "yolo.val:main"}
+SCRIPTS = {"yolo-evolve": "evolve.run_evolve:main", "yolo-train": "yolo.run_train:main",
+           "yolo-val": "yolo.val:main"}
 
 
 def test_console_commands_are_declared():

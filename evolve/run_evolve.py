@@ -1,7 +1,8 @@
 """``yolo-evolve`` (``python run_evolve.py``): evolve training hyperparameters,
 ``yolo-evolve generations=300 model=yolov5n data=coco128 epochs=1`` (``--help`` for the settings).
 
-Running the same command again continues the evolution; see conf/evolve.yaml for the settings.
+Running the same command again continues the evolution; see conf/evolve.yaml for the settings. The module's name
+is Hydra's job name (``run_evolve``: the log file ``run_evolve.log``), however it is started.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """``yolo-train`` (``python run_train.py``): train a YOLOv5 detector,
-``yolo-train model=yolov5s data=coco128 hyp.lr0=0.01`` (``-m`` for sweeps; ``--help`` for the settings)."""
+``yolo-train model=yolov5s data=coco128 hyp.lr0=0.01`` (``-m`` for sweeps; ``--help`` for the settings).
+
+The module's name is Hydra's job name (``run_train``: the run folder's ``run_train.log``), however it is started."""
 
 from __future__ import annotations
 
