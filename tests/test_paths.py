@@ -21,7 +21,7 @@ from evolve.driver import evolve, train_command
 from evolve.formats import Row, format_hyp_yaml
 from fake_train import compose as compose_evolve
 from fake_train import fake_train
-from helpers import CONF, ROOT, compose
+from helpers import CONF, ROOT, compose, train_overrides
 from yolo.config import HYP_KEYS, check_train_config, check_val_config
 from yolo.group_files import rewrite_path_overrides
 from yolo.tracking.names import run_name_for_training
@@ -62,6 +62,25 @@ def test_hyp_file_like_hyp_evolve_sets_the_training_hyps(tmp_path, monkeypatch):
     assert cfg.hyp.lrf == 0.03  # a later override still applies
     assert cfg.hyp_file == str(path.resolve())  # config.yaml and MLflow's params record where they came from
     assert set(cfg.hyp) == set(HYP_KEYS)
+
+
+def test_a_training_from_files_records_values_and_paths(tiny_shapes, tmp_path):
+    """One short training with hyp= and model= files: config.yaml, hyp.yaml and MLflow hold the values and paths."""
+    from mlflow.tracking import MlflowClient
+
+    from yolo.train import train  # deferred: the trainer (torch) only for this test
+
+    hyp = write_hyp_evolve(tmp_path / "evolve")
+    shutil.copy(CONF / "model" / "yolov5n.yaml", tmp_path / "net.yaml")
+    overrides = [o for o in train_overrides(tiny_shapes, tmp_path, "epochs=1", "imgsz=64") if o != "model=yolov5n"]
+    res = train(composed("train", [*overrides, f"hyp={hyp}", f"model={tmp_path / 'net.yaml'}"]))
+    saved = yaml.safe_load((Path(res.save_dir) / "config.yaml").read_text())
+    assert saved["hyp"]["lr0"] == 0.0123 and saved["hyp_file"] == str(hyp)
+    assert saved["model_file"] == str(tmp_path / "net.yaml") and saved["model"]["width_multiple"] == 0.25
+    assert yaml.safe_load((Path(res.save_dir) / "hyp.yaml").read_text())["mosaic"] == 0.75
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res.mlflow_run_id)
+    assert run.data.params["hyp_file"] == str(hyp) and float(run.data.params["hyp.lr0"]) == 0.0123
+    assert run.info.run_name.startswith("net-tiny_shapes-")
 
 
 def test_a_hyp_group_name_keeps_working():
