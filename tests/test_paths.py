@@ -95,6 +95,16 @@ def test_a_partial_hyp_file_keeps_the_schema_defaults(tmp_path):
     assert cfg.hyp.lr0 == 0.001 and cfg.hyp.mosaic == 0.5 and cfg.hyp.fliplr == 0.5
 
 
+def test_a_sweep_over_hyp_files_gives_each_job_its_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr0: 0.02\n")
+    (tmp_path / "b.yaml").write_text("lr0: 0.03\n")
+    [sweep] = rewrite_path_overrides([f"hyp={tmp_path / 'a.yaml'},{tmp_path / 'b.yaml'}"])
+    options = sweep.removeprefix("hyp=").split(",")  # what Hydra's sweeper gives the jobs, one each
+    jobs = [compose("train", [f"hyp={o}"]) for o in options]
+    assert [(c.hyp.lr0, c.hyp_file) for c in jobs] == [(0.02, str(tmp_path / "a.yaml")),
+                                                       (0.03, str(tmp_path / "b.yaml"))]
+
+
 def test_evolve_starts_from_a_hyp_file_and_ends_with_the_training_command(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="yolo.evolve")
     start = write_hyp_evolve(tmp_path / "before")
