@@ -20,12 +20,14 @@ fitness so far by generation, and evolve.csv, hyp_evolve.yaml and evolve.png as 
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from hydra.core.hydra_config import HydraConfig
 
 from evolve import samplers
 from evolve.formats import CSV_NAME, Row, best_index
@@ -130,9 +132,34 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
         log.info(f"evolve: {results.generations} generations finished ({results.completed} complete, "
                  f"{results.pruned} pruned, {results.failed} failed); best fitness {results.best_fitness:.5g} in "
                  f"generation {results.best_generation} (trial {results.best_trial})\n"
-                 f"evolve: results in {setup.out_dir}\nevolve: train with the best hyps: copy {results.hyp_yaml} "
-                 f"to conf/hyp/evolved.yaml and run `python run_train.py hyp=evolved`")
+                 f"evolve: results in {setup.out_dir}\nevolve: train with the best hyps: "
+                 f"{train_command(results.hyp_yaml, setup.cfg, command_overrides())}")
     return results
+
+
+# the evolution's own settings and places: not for the training command it suggests
+_EVOLVE_ONLY = ("generations", "evolve", "evolve_space", "project", "name", "mlflow", "hyp", "hyp_file", "hydra")
+
+
+def command_overrides() -> list[str]:
+    """The overrides on the current Hydra job's command line ([] outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def train_command(hyp_yaml: str | Path, cfg: Any, overrides: list[str]) -> str:
+    """``python run_train.py hyp=/abs/path/hyp_evolve.yaml`` and the evolution's training overrides (a dataset
+    or model file given by path named by its path again)."""
+    parts = ["python", "run_train.py", f"hyp={Path(hyp_yaml).resolve()}"]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~").split(".")[0] in _EVOLVE_ONLY or key == "data.file":
+            continue
+        if key == "data" and value == "external" and cfg.data.get("file"):
+            o = f"data={cfg.data.file}"
+        elif key == "model" and cfg.get("model_file"):
+            o = f"model={cfg.model_file}"
+        parts.append(o)
+    return shlex.join(parts)
 
 
 def _results(setup: Setup, study: optuna.Study, paths: Mapping[str, Path], parent_id: str | None) -> EvolveResults:

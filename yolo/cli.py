@@ -1,6 +1,7 @@
 """Shared behaviour of the command-line entrypoints: one path from any user-input error to one ``ERROR:`` line.
 
-Entrypoints call :func:`run_hydra_main` with their ``@hydra.main`` function. Errors of our own
+Entrypoints call :func:`run_hydra_main` with their ``@hydra.main`` function (``config_path=CONF_DIR``); it
+rewrites ``data=``, ``hyp=`` and ``model=path/to/file.yaml`` first (:mod:`yolo.group_files`). Errors of our own
 (:class:`~yolo.errors.UserError`: ``ConfigError``, ``CheckpointError``, ``DatasetError``...) and Hydra's
 composition and override errors (a mistyped key, a wrong type, an unknown group option, bad override syntax) all
 end in :func:`exit_on_user_error`: one ``ERROR: <key>: <why>`` line on stderr, no traceback, exit code 1.
@@ -24,6 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from yolo.config import check_train_config, check_val_config
 from yolo.errors import UserError
+from yolo.group_files import rewrite_path_overrides
+
+# conf/ beside the package, as an absolute path: Hydra finds it whichever way the entrypoint is started (a console
+# script, python -m, a run_*.py file) and from any working directory (an editable install keeps the files here)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -100,30 +106,14 @@ def run_hydra_main(main: Callable[[], Any]) -> None:
     """Run an entrypoint's ``@hydra.main`` function so that Hydra's composition and override errors reach
     :func:`exit_on_user_error` too: Hydra prints them itself, in several lines, unless ``HYDRA_FULL_ERROR=1``
     makes it raise them. Any other error keeps its full traceback."""
-    sys.argv = rewrite_data_override(sys.argv)
     before = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         with exit_on_user_error():
+            sys.argv = rewrite_path_overrides(sys.argv)  # data=, hyp=, model=path/to/file.yaml
             main()
     finally:
         if before is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = before
-
-
-def rewrite_data_override(argv: list[str]) -> list[str]:
-    """``data=path/to/custom.yaml`` → ``data=external data.file=/abs/path/to/custom.yaml``.
-
-    ``data`` is a Hydra config group (``conf/data``); upstream users pass a dataset YAML path instead
-    (``--data path``).  A value that names a group option (``data=coco128``) is left alone.
-    """
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in ("data", "+data") and value.endswith((".yaml", ".yml")) and "," not in value:
-            out += ["data=external", f"data.file={Path(value).expanduser().resolve()}"]
-        else:
-            out.append(arg)
-    return out

@@ -6,7 +6,10 @@ defaults list, so Hydra validates the composed config before any code runs: a mi
 
 ``data`` is a config group (``conf/data/*.yaml``, upstream's dataset format: ``data=coco128``).  A user's own
 dataset YAML works without copying it into ``conf/``: ``data=path/to/custom.yaml`` is rewritten by the
-entrypoints (:func:`yolo.cli.rewrite_data_override`) to ``data=external data.file=path/to/custom.yaml``.
+entrypoints (:func:`yolo.group_files.rewrite_path_overrides`) to ``data=external data.file=path/to/custom.yaml``.
+``hyp=path/to/hyp.yaml`` and ``model=path/to/model.yaml`` are read and checked against :class:`HypConfig` and
+:class:`ModelConfig` there, and become options of their group (:mod:`yolo.group_files`); the values land in
+``hyp`` / ``model`` and the file's path in ``hyp_file`` / ``model_file``.
 
 Hydra checks keys and types while composing; what a value may be (``epochs >= 1``, a probability in [0, 1], one
 of a few words, a device this machine has) is declared on the schema's fields too (:func:`num`, :func:`choice`,
@@ -143,6 +146,7 @@ class ValConfig:
     datasets_dir: str = DATASETS_DIR
     split: str = choice("val", "train", "val", "test")
     model: Optional[ModelConfig] = None
+    model_file: Optional[str] = None  # set by model=path/to/model.yaml: the file `model` was read from
     nc: Optional[int] = num(None, ge=1)
     imgsz: int = num(640, ge=32)
     batch_size: int = num(32, ge=1)
@@ -232,6 +236,8 @@ class TrainConfig:
 
     model: Optional[ModelConfig] = None
     hyp: HypConfig = field(default_factory=HypConfig)
+    model_file: Optional[str] = None  # set by model=path/to/model.yaml: the file `model` was read from
+    hyp_file: Optional[str] = None  # set by hyp=path/to/hyp.yaml: the file `hyp` was read from
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     data: DataSpec = field(default_factory=DataSpec)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from yolo.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from yolo.checkpoint import checked_model, load_checkpoint
-from yolo.cli import exit_on_user_error, run_hydra_main
+from yolo.cli import CONF_DIR, exit_on_user_error, run_hydra_main
 from yolo.config import check_val_config, data_source  # also registers the config schema that the entry composes
 from yolo.data.config import DatasetError, ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
@@ -282,7 +282,7 @@ def run(cfg) -> ValResults:
 
 
 def main() -> None:
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="val")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="val")
     def _main(cfg) -> float:
         with exit_on_user_error():
             return run(cfg).fitness

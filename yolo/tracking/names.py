@@ -119,6 +119,7 @@ def run_name_for_training(cfg: Any, save_dir: str | os.PathLike[str], job: Hydra
         if varying:
             return overrides_run_name(varying)
     choices = job.choices if job is not None else {}
-    model = model_label(choices.get("model"), _field(cfg, "model"), _field(cfg, "weights"))
+    model_choice = _field(cfg, "model_file") or choices.get("model")  # model=path.yaml: the file's stem
+    model = model_label(model_choice, _field(cfg, "model"), _field(cfg, "weights"))
     data = data_label(choices.get("data"), _field(cfg, "data"))
     return training_run_name(model, data, _folder_label(save_dir, job))
