@@ -138,7 +138,9 @@ def test_train_command_names_files_by_their_paths():
     ("lr0: fast\n", "ERROR: hyp.lr0: must be a number, got 'fast' (in {path})"),
     ("- 1\n- 2\n", "ERROR: hyp: {path} holds no hyp settings (a mapping of HypConfig's keys)"),
     (None, "ERROR: hyp: no such file: {path}"),
-], ids=["unknown-key", "bad-value", "wrong-type", "not-a-mapping", "missing"])
+    ("lr0: ${oc.env:HOME}\n", "ERROR: hyp.lr0: interpolations (${{...}}) are not accepted in a file, give the value "
+                              "itself (in {path})"),
+], ids=["unknown-key", "bad-value", "wrong-type", "not-a-mapping", "missing", "interpolation"])
 @pytest.mark.parametrize("entry", ["yolo.run_train", "evolve.run_evolve"])
 def test_a_bad_hyp_file_is_one_error_line(entry, text, line, tmp_path, monkeypatch, capsys):
     path = tmp_path / "hyp.yaml"

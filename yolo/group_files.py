@@ -60,6 +60,7 @@ def load_group_file(group: str, path: str | Path) -> dict[str, Any]:
     schema = FILE_GROUPS[group][0]
     path = Path(path)
     node = _read_mapping(group, path)
+    _refuse_interpolations(group, node, path)
     try:
         check_config(node, schema, prefix=f"{group}.")
         OmegaConf.merge(OmegaConf.structured(schema), node)  # the types, as Hydra will merge it
@@ -76,6 +77,14 @@ def load_group_file(group: str, path: str | Path) -> dict[str, Any]:
                 raise ConfigError(f"model.{key}: required: an architecture in upstream's layout has its "
                                   f"{key} rows (in {path})")
     return values
+
+
+def _refuse_interpolations(group: str, node: DictConfig, path: Path) -> None:
+    """A file's values are data: ``${...}`` (an environment variable, another key) is refused, never resolved."""
+    for key, value in OmegaConf.to_container(node, resolve=False).items():
+        if "${" in str(value):
+            raise ConfigError(f"{group}.{key}: interpolations (${{...}}) are not accepted in a file, "
+                              f"give the value itself (in {path})")
 
 
 def option_name(path: Path) -> str:
