@@ -21,7 +21,7 @@ from yolo import export as export_mod
 from yolo.checkpoint import checked_model, load_checkpoint
 from yolo.errors import CheckpointError
 from yolo.export import DecodedOutput, export, output_path
-from yolo.runtime import load_inference_model, weights_format
+from yolo.runtime import ExportedModel, load_inference_model, weights_format
 from yolo.val import run as val_run
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -128,6 +128,18 @@ def test_pt_goes_through_strict_loading(weights_dir):
             load_inference_model(bad)
 
 
+def test_fixed_batch_backend_pads_a_short_batch():
+    class Fixed(ExportedModel):
+        def run(self, images):
+            assert images.shape[0] == 4  # the file's fixed batch
+            return images.flatten(1)[:, None, :8]
+
+    model = Fixed({"names": ["a"], "dynamic": False, "batch": 4})
+    im = torch.rand(3, 3, 32, 32)
+    out, raw = model(im)
+    assert raw is None and torch.equal(out, im.flatten(1)[:, None, :8])
+
+
 # ---- where the file goes -----------------------------------------------------------------------------------------
 @needs_onnx
 def test_output_honoured_and_imgsz_rounded_up(weights_dir, tmp_path, caplog):
@@ -170,7 +182,8 @@ def run_export(*args: str, tmp_path: Path, prelude: str = "") -> subprocess.Comp
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     argv = ["yolo.export", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", *args]
-    code = f"{prelude}import sys; sys.argv = {argv!r}; from yolo.export import main; main()"
+    code = f"{prelude}import runpy, sys; sys.argv = {argv!r}; runpy.run_module('yolo.export', run_name='__main__', " \
+           f"alter_sys=True)"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -119,8 +119,8 @@ def torchscript_bytes(model: nn.Module, im: torch.Tensor, meta: dict[str, str]) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's shape warnings
         traced = torch.jit.trace(model, im, strict=False, check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf, _extra_files={"config.txt": json.dumps(meta)})
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"config.txt": json.dumps(meta)})  # (its deprecation notice too)
     return buf.getvalue()
 
 

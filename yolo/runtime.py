@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ class TorchScriptModel(ExportedModel):
     def __init__(self, path: Path, device: torch.device):
         extra = {"config.txt": ""}
         try:
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as e:  # torch raises RuntimeError and others for a file that is not TorchScript
             raise CheckpointError(f"{path}: not a TorchScript file ({str(e).strip().splitlines()[0]})") from None
         try:
@@ -143,11 +146,11 @@ class TorchScriptModel(ExportedModel):
             meta = {}
         super().__init__(parse_metadata(meta, path))
         self.module = module.eval()
-        self.half = any(p.dtype == torch.float16 for p in module.parameters())
+        self.fp16 = any(p.dtype == torch.float16 for p in module.parameters())
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.module(images.half() if self.half else images.float()).float()
+            return self.module(images.half() if self.fp16 else images.float()).float()
 
 
 @dataclass
