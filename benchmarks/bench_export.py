@@ -12,6 +12,7 @@ PyTorch model in eval mode, the onnxruntime session, the TorchScript module), al
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -72,11 +73,12 @@ def main() -> None:
     base = statistics.median(times["pytorch"])
     print(f"\nyolov5n forward pass, input ({args.batch}, 3, {args.imgsz}, {args.imgsz}), CPU, "
           f"torch threads {torch.get_num_threads()}, {args.rounds} rounds x {args.n} passes")
-    print(f"{'backend':>12} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'vs pytorch':>11}")
+    print(f"{'backend':>12} {'median ms':>10} {'min ms':>8} {'p10 ms':>8} {'p90 ms':>8} {'vs pytorch':>11}")
     for name, t in times.items():
         q = statistics.quantiles(t, n=10)
         med = statistics.median(t)
-        print(f"{name:>12} {med:10.1f} {q[0]:8.1f} {q[-1]:8.1f} {med / base:10.2f}x")
+        print(f"{name:>12} {med:10.1f} {min(t):8.1f} {q[0]:8.1f} {q[-1]:8.1f} {med / base:10.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (medians mean little on a busy machine)")
 
 
 if __name__ == "__main__":
