@@ -1,6 +1,7 @@
 """Inference speed of an exported model against PyTorch: yolov5n at 640, batch 1, on the CPU.
 
-    python benchmarks/bench_export.py [--imgsz 640] [--batch 1] [--n 50] [--rounds 3] [--formats onnx torchscript]
+    python benchmarks/bench_export.py [--imgsz 640] [--batch 1] [--n 50] [--rounds 3] [--threads N]
+        [--formats onnx torchscript]
 
 Exports ``yolov5n.pt`` (static shape) into a temporary folder with ``python -m yolo.export``'s library function,
 then times forward passes of each backend as val runs them (``yolo.runtime.load_inference_model``: the fused
@@ -52,7 +53,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=["onnx", "torchscript"])
+    ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: theirs)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     # PyTorch as val runs it: fused, eval mode, channels-last (NHWC) weights and input
     models = {"pytorch": load_inference_model(args.weights, "cpu").model.eval().to(memory_format=torch.channels_last)}
@@ -61,7 +65,7 @@ def main() -> None:
             cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), {
                 "weights": str(args.weights), "format": fmt, "imgsz": args.imgsz, "batch_size": args.batch,
                 "output": str(Path(tmp) / f"model.{fmt}")})
-            models[fmt] = load_inference_model(export(cfg).path, "cpu").model
+            models[fmt] = load_inference_model(export(cfg).path, "cpu", threads=args.threads).model
         im = torch.rand(args.batch, 3, args.imgsz, args.imgsz, generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(args.rounds):

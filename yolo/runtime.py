@@ -106,13 +106,16 @@ class ExportedModel(nn.Module):
 class OnnxModel(ExportedModel):
     """An ONNX file run by onnxruntime (CPU, or CUDA when asked for and available)."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, threads: int | None = None):
         ort = require_onnx(f"weights={path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         try:
-            session = ort.InferenceSession(str(path), providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for a corrupt or unsupported file
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {str(e).strip().splitlines()[0]}") from None
         super().__init__(parse_metadata(session.get_modelmeta().custom_metadata_map, path))
@@ -165,9 +168,10 @@ class InferenceModel:
     backend: str  # 'pytorch' | 'onnx' | 'torchscript'
 
 
-def load_exported(path: Path, kind: str, device: torch.device) -> ExportedModel:
-    """The backend for an exported file of format ``kind`` (``onnx``/``torchscript``), whatever its name."""
-    return OnnxModel(path, device) if kind == "onnx" else TorchScriptModel(path, device)
+def load_exported(path: Path, kind: str, device: torch.device, threads: int | None = None) -> ExportedModel:
+    """The backend for an exported file of format ``kind`` (``onnx``/``torchscript``), whatever its name;
+    ``threads``: onnxruntime's intra-op threads (default: its own choice; TorchScript uses torch's)."""
+    return OnnxModel(path, device, threads) if kind == "onnx" else TorchScriptModel(path, device)
 
 
 def weights_format(weights: str | os.PathLike) -> str:
@@ -176,7 +180,7 @@ def weights_format(weights: str | os.PathLike) -> str:
 
 
 def load_inference_model(weights: str | os.PathLike, device: torch.device | str = "cpu", *, model_cfg: Any = None,
-                         nc: int | None = None, fuse: bool = True) -> InferenceModel:
+                         nc: int | None = None, fuse: bool = True, threads: int | None = None) -> InferenceModel:
     """The detector ``weights`` holds, ready for inference on ``device`` (a PyTorch model is left on the CPU for
     the caller to move, as validation does). ``model_cfg``/``nc`` apply to PyTorch checkpoints only."""
     device = torch.device(device)
@@ -192,7 +196,7 @@ def load_inference_model(weights: str | os.PathLike, device: torch.device | str 
         require_onnx(f"weights={path}")  # before the file: a missing package is the first thing to fix
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    model = load_exported(path, kind, device)
+    model = load_exported(path, kind, device, threads)
     meta = model.meta
     shape = None if meta["dynamic"] else (meta["batch"], 3, *meta["imgsz"])
     return InferenceModel(model.to(device), model.names, meta["stride"], meta["dynamic"], shape, kind)
