@@ -268,3 +268,12 @@ def test_val_refuses_another_imgsz_for_a_fixed_onnx(exported, few_images):
 
     with pytest.raises(ConfigError, match="imgsz: .* fixed 320x320"):
         val(exported["onnx"].path, few_images, "imgsz=640")
+
+
+@needs_weights
+@needs_coco128
+def test_val_on_torchscript_matches_pt(exported, weights_dir, few_images):
+    pt = val(weights_dir / "yolov5n.pt", few_images)
+    ts = val(exported["torchscript"].path, few_images)  # dynamic: rectangular batches, as the .pt
+    for a, b in zip(pt.metrics, ts.metrics):
+        assert abs(a - b) <= 1e-3, (pt.metrics, ts.metrics)
