@@ -184,8 +184,10 @@ def export(cfg) -> ExportResult:
     path = output_path(cfg.weights, fmt, cfg.output, hydra_output_dir())
     log.info(f"{PREFIX[fmt]} starting export of {cfg.weights} at {tuple(im.shape)} with {_tool(fmt, cfg.opset)}...")
     t0 = time.perf_counter()
-    data = onnx_bytes(model, im, meta, cfg.dynamic, cfg.opset) if fmt == "onnx" else torchscript_bytes(model, im,
-                                                                                                      meta)
+    if fmt == "onnx":
+        data = onnx_bytes(model, im, meta, cfg.dynamic, cfg.opset)
+    else:
+        data = torchscript_bytes(model, im, meta)
     seconds = time.perf_counter() - t0
     inputs = check_inputs(im, stride, cfg.dynamic)
     diffs: list[float] = []
