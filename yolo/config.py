@@ -166,6 +166,21 @@ class ValConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``python -m yolo.export``: a checkpoint as an ONNX or TorchScript file, checked against PyTorch."""
+
+    weights: str = MISSING
+    format: str = choice("onnx", "onnx", "torchscript")
+    imgsz: int = num(640, ge=32)  # square input; a non-multiple of the model's stride is rounded up with a warning
+    batch_size: int = num(1, ge=1)  # the fixed batch of a static export (and of the check's input)
+    dynamic: bool = False  # batch, height and width dynamic
+    opset: int = num(17, ge=11, le=20)  # ONNX opset (the TorchScript-based exporter's range)
+    half: bool = False  # fp16 weights and input: needs a CUDA device, as upstream
+    device: str = checked(device_rule, "cpu")
+    output: Optional[str] = None  # default: beside the weights (best.onnx), or the run folder if not writable
+
+
+@dataclass
 class HypConfig:
     """Training hyperparameters, upstream's keys and meanings (``conf/hyp/*.yaml``).
 
@@ -371,8 +386,18 @@ def check_val_config(cfg: Any) -> None:
     _check_data(conf.get("data"))
 
 
+def check_export_config(cfg: Any) -> None:
+    """What ``python -m yolo.export`` can check before loading weights. Raises :class:`ConfigError`."""
+    conf = _as_config(cfg)
+    check_config(conf, ExportConfig)
+    weights = conf.get("weights")
+    if isinstance(weights, str) and weights.lower().endswith((".onnx", ".torchscript")):
+        raise ConfigError(f"weights: export takes a PyTorch checkpoint (.pt), got {weights}")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="val_schema", node=ValConfig)
     cs.store(name="train_schema", node=TrainConfig)
 

@@ -6,6 +6,7 @@ config; ``python -m yolo.val weights=... data=coco128 imgsz=640 batch_size=32`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from yolo.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
-from yolo.checkpoint import checked_model, load_checkpoint
 from yolo.cli import CONF_DIR, exit_on_user_error, run_hydra_main
 from yolo.config import check_val_config, data_source  # also registers the config schema that the entry composes
 from yolo.data.config import DatasetError, ensure_dataset, load_data_config
@@ -32,6 +32,7 @@ from yolo.errors import ConfigError
 from yolo.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictions
 from yolo.nms import non_max_suppression
 from yolo.plots import plot_ap_curves, plot_confusion_matrix
+from yolo.runtime import InferenceModel, load_inference_model
 
 log = logging.getLogger("yolo")
 
@@ -82,6 +83,13 @@ def _label_boxes_to_native(labels: torch.Tensor, input_hw: Sequence[int], native
     return torch.cat((labels[:, :1], boxes), 1)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's device (an exported model's backend has only a buffer)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.inference_mode()
 def forward(model: torch.nn.Module, im: torch.Tensor, precision: Precision | None = None):
     """The model's (inference, training) outputs for ``im``; under autocast when ``precision`` asks, as fp32."""
@@ -116,7 +124,7 @@ def validate(
     Predictions go through multi-label NMS, are rescaled to each original image and matched against the labels
     at IoU 0.50:0.05:0.95 with upstream's rules; AP uses upstream's 101-point interpolation.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     model.to(memory_format=torch.channels_last)  # NHWC convolutions: markedly faster on CPU (oneDNN)
@@ -239,32 +247,58 @@ def _summarise(stats, names, nc, seen, loss, dt, confusion, save_dir, verbose) -
 def load_weights(cfg) -> torch.nn.Module:
     """The model ``cfg.weights`` holds, loaded strictly into its own architecture (or ``cfg.model``, ``cfg.nc``):
     a missing file, a tensor that does not fit or a NaN weight is one :class:`~yolo.errors.CheckpointError`."""
+    return load_val_model(cfg, torch.device("cpu")).model
+
+
+def load_val_model(cfg, device: torch.device) -> InferenceModel:
+    """``cfg.weights`` through :func:`yolo.runtime.load_inference_model`: a PyTorch checkpoint (strict, on the CPU
+    until ``run`` moves it), or an exported ``.onnx``/``.torchscript`` file ready on ``device``."""
     if OmegaConf.is_missing(cfg, "weights") or not cfg.weights:
         raise ConfigError("weights: required: give the checkpoint to validate, e.g. weights=path/to/best.pt")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
-    return checked_model(load_checkpoint(cfg.weights), cfg.weights, model_cfg=model_cfg, nc=cfg.nc, fuse=cfg.fuse)
+    return load_inference_model(cfg.weights, device, model_cfg=model_cfg, nc=cfg.nc, fuse=cfg.fuse)
+
+
+def val_batching(loaded: InferenceModel, imgsz: int, batch_size: int, weights: str) -> tuple[int, bool]:
+    """``(batch_size, rect)``: rectangular batches for a model that takes any shape; for a fixed-shape export,
+    square ``imgsz`` images (padded, as upstream's val does for such files) in batches of its fixed size."""
+    if loaded.input_shape is None:
+        return batch_size, True
+    b, _, h, w = loaded.input_shape
+    if (h, w) != (imgsz, imgsz):
+        raise ConfigError(f"imgsz: {weights} takes a fixed {h}x{w} input, got imgsz={imgsz}: pass imgsz={h}, or "
+                          f"export with dynamic=true")
+    if batch_size != b:
+        log.warning(f"WARNING: batch_size={batch_size}: {weights} takes a fixed batch of {b}, using batch_size={b}")
+    log.info(f"{weights} has a fixed input shape {loaded.input_shape}: square {imgsz}x{imgsz} images, no "
+             f"rectangular batches (export with dynamic=true for those)")
+    return b, False
 
 
 def run(cfg) -> ValResults:
     """Validate ``cfg.weights`` on ``cfg.data`` (a :class:`yolo.config.ValConfig`). The weights are loaded and
     checked before any data is read."""
     check_val_config(cfg)
-    model = load_weights(cfg)
     device = select_device(cfg.device)
+    loaded = load_val_model(cfg, device)
+    model = loaded.model
     amp = choose_precision(cfg.amp, device)  # an impossible choice fails before any data is read
+    if amp.enabled and loaded.backend != "pytorch":
+        raise ConfigError(f"amp: mixed precision applies to PyTorch weights; {cfg.weights} runs as exported")
+    stride = loaded.stride
+    imgsz = check_img_size(cfg.imgsz, stride)
+    batch_size, rect = val_batching(loaded, imgsz, cfg.batch_size, cfg.weights)
     data = ensure_dataset(load_data_config(data_source(cfg.data), cfg.datasets_dir))
     split = data.split(cfg.split)
-    if not cfg.single_cls and model.nc != data.nc:
-        raise DatasetError(f"{cfg.weights} predicts {model.nc} classes but {data.source or data.path} has "
+    if not cfg.single_cls and len(loaded.names) != data.nc:
+        raise DatasetError(f"{cfg.weights} predicts {len(loaded.names)} classes but {data.source or data.path} has "
                            f"nc={data.nc}: pass the data config the weights were trained on")
     model.to(device)
     if amp.enabled:
         log.info(amp.describe())
     if cfg.half and device.type == "cuda":
         model.half()
-    stride = int(max(model.stride.max().item(), 32))
-    imgsz = check_img_size(cfg.imgsz, stride)
-    loader, _ = create_dataloader(split, imgsz, cfg.batch_size, stride, augment=False, rect=True, pad=0.5,
+    loader, _ = create_dataloader(split, imgsz, batch_size, stride, augment=False, rect=rect, pad=0.5,
                                   workers=cfg.workers, shuffle=False, single_cls=cfg.single_cls, nc=data.nc,
                                   prefix="val: ")
     save_dir = hydra_output_dir()
@@ -275,7 +309,7 @@ def run(cfg) -> ValResults:
         log.info(line)
     pre, inf, nms = res.speed_ms
     log.info(f"Speed: {pre:.1f}ms pre-process, {inf:.1f}ms inference, {nms:.1f}ms NMS per image at shape "
-             f"({cfg.batch_size}, 3, {imgsz}, {imgsz})")
+             f"({batch_size}, 3, {imgsz}, {imgsz})")
     if save_dir is not None:
         log.info(f"Results saved to {save_dir}")
     return res
