@@ -22,7 +22,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from yolo.config import check_train_config, check_val_config
+from yolo.config import check_predict_config, check_train_config, check_val_config
 from yolo.errors import UserError
 
 
@@ -77,10 +77,10 @@ def exit_on_user_error(code: int = 1):
 
 
 class CheckConfigFirst(Callback):
-    """Hydra callback (``hydra.callbacks`` of ``conf/train.yaml``, ``val.yaml``, ``evolve.yaml``): the entry's
+    """Hydra callback (``hydra.callbacks`` of ``conf/train.yaml``, ``val.yaml``, ``predict.yaml``, ``evolve.yaml``): the entry's
     config checks run before Hydra creates the run folder, so a refused setting leaves no folder behind.
 
-    ``check``: ``train`` (:func:`~yolo.config.check_train_config`) or ``val``; ``schema``: the dotted name of a
+    ``check``: ``train`` (:func:`~yolo.config.check_train_config`), ``val`` or ``predict``; ``schema``: the dotted name of a
     schema extending :class:`~yolo.config.TrainConfig` (``evolve.config.EvolveConfig``).
     """
 
@@ -92,6 +92,8 @@ class CheckConfigFirst(Callback):
         with exit_on_user_error():
             if self.check == "val":
                 check_val_config(job)
+            elif self.check == "predict":
+                check_predict_config(job)
             else:
                 check_train_config(job, get_class(self.schema) if self.schema else None)
 
