@@ -26,6 +26,8 @@ from yolo.sources import SourceError, count_frames, iter_frames, resolve_sources
 
 log = logging.getLogger("yolo")
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: the yolo-predict script runs from anywhere
+
 __all__ = ["Backend", "Detections", "PredictResults", "Predictor", "TorchBackend", "load_backend", "main", "run"]
 
 
@@ -83,7 +85,7 @@ def run(cfg) -> PredictResults:
 
 
 def main() -> None:
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
     def _main(cfg) -> None:
         with exit_on_user_error():
             run(cfg)
