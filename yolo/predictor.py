@@ -173,8 +173,10 @@ class Predictor:
 
     def __call__(self, images: Any) -> list[Detections]:
         """Detections for each of ``images``: BGR ``uint8`` arrays, image paths, :class:`~yolo.sources.Frame`
-        objects, or one of these alone; a video path gives one :class:`Detections` per frame. An image that cannot
+        objects (a list, an ``(N, H, W, 3)`` array, or one alone); a video path gives one :class:`Detections` per frame. An image that cannot
         be read is a :class:`~yolo.sources.SourceError`."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:  # (N, H, W, 3): N images
+            images = list(images)
         single = isinstance(images, (np.ndarray, str, os.PathLike, Frame))
         return [det for _, det in self.stream(_frames_of([images] if single else list(images)))]
 
@@ -201,7 +203,7 @@ class Predictor:
         t0 = sync_time(dev)
         x = torch.from_numpy(np.stack([im for _, im, _ in pending])).to(dev, non_blocking=True).float() / 255
         t1 = sync_time(dev)
-        pred = self.backend(x)
+        pred = torch.as_tensor(self.backend(x))  # a backend may answer with a numpy array
         t2 = sync_time(dev)
         kept = non_max_suppression(pred, self.conf_thres, self.iou_thres, classes=self.classes,
                                    agnostic=self.agnostic_nms, multi_label=self.multi_label, max_det=self.max_det)
