@@ -173,8 +173,8 @@ class Predictor:
 
     def __call__(self, images: Any) -> list[Detections]:
         """Detections for each of ``images``: BGR ``uint8`` arrays, image paths, :class:`~yolo.sources.Frame`
-        objects (a list, an ``(N, H, W, 3)`` array, or one alone); a video path gives one :class:`Detections` per frame. An image that cannot
-        be read is a :class:`~yolo.sources.SourceError`."""
+        objects (a list, an ``(N, H, W, 3)`` array, or one alone); a video path gives one :class:`Detections` per
+        frame. An image that cannot be read is a :class:`~yolo.sources.SourceError`."""
         if isinstance(images, np.ndarray) and images.ndim == 4:  # (N, H, W, 3): N images
             images = list(images)
         single = isinstance(images, (np.ndarray, str, os.PathLike, Frame))
