@@ -178,9 +178,10 @@ def test_label_lines_in_upstream_format():
 
 
 def test_drawing_keeps_the_original_and_marks_the_boxes():
-    im = np.zeros((60, 80, 3), np.uint8)
-    out = draw_detections(im, np.array([[10, 20, 50, 50]], np.float32), np.array([0.9]), np.array([0]), ["cat"], 2)
-    assert not im.any() and out.shape == im.shape and out[35, 10].any() and not out[35, 30].any()
+    im = np.zeros((100, 100, 3), np.uint8)
+    out = draw_detections(im, np.array([[10, 40, 70, 90]], np.float32), np.array([0.9]), np.array([0]), ["cat"], 2)
+    assert not im.any() and out.shape == im.shape
+    assert out[80, 10].any() and out[35, 12].any() and not out[80, 40].any()  # edge, caption above, inside
 
 
 # ---- sources -----------------------------------------------------------------------------------------------------

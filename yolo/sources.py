@@ -98,7 +98,10 @@ def as_entries(source: Any) -> list[str]:
     items = [source] if isinstance(source, (str, bytes, int, float, os.PathLike)) else list(source)
     if not items:
         raise SourceError("source: the list is empty")
-    return [os.fsdecode(x) if isinstance(x, (bytes, os.PathLike)) else str(x) for x in items]
+    entries = [os.fsdecode(x) if isinstance(x, (bytes, os.PathLike)) else str(x) for x in items]
+    if any(not e.strip() for e in entries):
+        raise SourceError("source: an empty path: give a file, folder, glob, .txt list or video")
+    return entries
 
 
 def resolve_sources(source: Any, check_videos: bool = True) -> list[str]:
