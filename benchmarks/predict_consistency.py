@@ -31,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from yolo.data.labels import read_label_file  # noqa: E402
 from yolo.metrics import ap_per_class, match_predictions  # noqa: E402
 from yolo.predictor import Predictor  # noqa: E402
 
@@ -44,9 +45,9 @@ NAMES = ("P", "R", "mAP50", "mAP50-95")
 
 
 def ground_truth(stem: str, w: int, h: int) -> np.ndarray:
-    """COCO128's labels of one image as (m, 5) ``cls, x1, y1, x2, y2`` in pixels."""
-    f = COCO128 / "labels" / "train2017" / f"{stem}.txt"
-    rows = np.loadtxt(f, ndmin=2) if f.is_file() and f.stat().st_size else np.zeros((0, 5))
+    """COCO128's labels of one image as (m, 5) ``cls, x1, y1, x2, y2`` in pixels, read as val reads them
+    (duplicate rows dropped: COCO128 has 941 rows, 929 distinct; coordinates clipped to [0, 1])."""
+    rows = read_label_file(str(COCO128 / "labels" / "train2017" / f"{stem}.txt"), nc=80)[0].astype(np.float64)
     return np.concatenate((rows[:, :1], xywhn_to_xyxy(rows[:, 1:5], w, h)), 1)
 
 
