@@ -262,7 +262,7 @@ def assert_one_error(code: int, err: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["no-weights", "missing-weights", "missing", "empty", "no-images", "video",
-                                  "conf", "classes"])
+                                  "conf", "classes", "amp"])
 def test_bad_input_is_one_line_before_the_run_folder(tree, case, capsys):
     (tree / "fake.mp4").write_text("not a video")
     (tree / "docs").mkdir()
@@ -277,6 +277,7 @@ def test_bad_input_is_one_line_before_the_run_folder(tree, case, capsys):
         "video": ([weights, f"source={tree / 'fake.mp4'}"], "cannot open the video"),
         "conf": ([weights, f"source={tree / 'imgs'}", "conf_thres=2"], "conf_thres: must be in [0, 1]"),
         "classes": ([weights, f"source={tree / 'imgs'}", "classes=[a]"], "classes"),
+        "amp": ([weights, f"source={tree / 'imgs'}", "amp=fp16"], "amp: fp16 needs a CUDA device"),
     }[case]
     if "weights=" + str(WEIGHTS) in argv and not WEIGHTS.is_file():
         pytest.skip(f"{WEIGHTS} not available")
@@ -335,6 +336,12 @@ def test_command_end_to_end(tree, predictor):
         assert len(read_video(out_dir / "clip.mp4")) == 5
         assert any((out_dir / "labels").glob("clip_*.txt"))
     assert not list(out_dir.glob(".*partial*"))
+
+
+def test_console_script_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["yolo-predict"] == "yolo.predict:main"
 
 
 def test_predict_schema_checks_sources_first(tree):

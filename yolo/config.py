@@ -414,8 +414,15 @@ def check_val_config(cfg: Any) -> None:
 
 def check_predict_config(cfg: Any) -> None:
     """What ``python -m yolo.predict`` can check before loading weights or reading images: the settings, the
-    weights file, and that every ``source`` entry names images or videos. Raises a one-line user error."""
-    check_config(_as_config(cfg), PredictConfig)
+    weights file, that every ``source`` entry names images or videos, and ``amp`` on that device. Raises a
+    one-line user error."""
+    conf = _as_config(cfg)
+    check_config(conf, PredictConfig)
+    if "amp" in conf and "device" in conf:  # amp=fp16 on a CPU, bf16 on a GPU without it: refused here, not later
+        from yolo.device import select_device  # deferred: torch; light modules import this schema without it
+        from yolo.engine.precision import choose  # deferred: torch
+
+        choose(conf.amp, select_device(conf.device))
 
 
 def register_configs() -> None:
