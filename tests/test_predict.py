@@ -19,7 +19,7 @@ from helpers import COCO128, ROOT, WEIGHTS, compose, needs_coco128, needs_weight
 from yolo.annotate import draw_detections, label_lines
 from yolo.boxes import box_iou, xyxy2xywh
 from yolo.config import check_predict_config
-from yolo.predict import _classes, main
+from yolo.predict import _classes, main, run
 from yolo.predictor import Predictor
 from yolo.sources import SourceError, iter_frames, resolve_sources
 
@@ -336,6 +336,15 @@ def test_command_end_to_end(tree, predictor):
         assert len(read_video(out_dir / "clip.mp4")) == 5
         assert any((out_dir / "labels").glob("clip_*.txt"))
     assert not list(out_dir.glob(".*partial*"))
+
+
+@needs_weights
+def test_no_readable_image_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_text("text, not a JPEG")
+    monkeypatch.chdir(tmp_path)  # outside Hydra the run folder is runs/predict/<time> here
+    cfg = compose("predict", [f"weights={WEIGHTS}", f"source={tmp_path / 'a.jpg'}", "device=cpu", "imgsz=64"])
+    with pytest.raises(SourceError, match="none of the 1 file"):
+        run(cfg)
 
 
 def test_console_script_is_declared():
