@@ -54,7 +54,8 @@ NAMES = ("P", "R", "mAP50", "mAP50-95")
 
 def ground_truth(stem: str, w: int, h: int) -> np.ndarray:
     """COCO128's labels of one image as (m, 5) ``cls, x1, y1, x2, y2`` in pixels, read as val reads them
-    (duplicate rows dropped: COCO128 has 941 rows, 929 distinct; coordinates clipped to [0, 1])."""
+    (duplicate rows dropped, coordinates clipped to [0, 1]); an image without a label file has none (two of
+    COCO128's 128 label files belong to no image: 929 instances, as val counts)."""
     rows = read_label_file(str(COCO128 / "labels" / "train2017" / f"{stem}.txt"), nc=80)[0].astype(np.float64)
     return np.concatenate((rows[:, :1], xywhn_to_xyxy(rows[:, 1:5], w, h)), 1)
 
