@@ -23,7 +23,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from yolo.config import check_export_config, check_train_config, check_val_config
+from yolo.config import check_export_config, check_predict_config, check_train_config, check_val_config
 from yolo.errors import UserError
 from yolo.group_files import rewrite_path_overrides
 
@@ -83,11 +83,11 @@ def exit_on_user_error(code: int = 1):
 
 
 class CheckConfigFirst(Callback):
-    """Hydra callback (``hydra.callbacks`` of ``conf/train.yaml``, ``val.yaml``, ``evolve.yaml``): the entry's
+    """Hydra callback (``hydra.callbacks`` of ``conf/train.yaml``, ``val.yaml``, ``predict.yaml``, ``evolve.yaml``): the entry's
     config checks run before Hydra creates the run folder, so a refused setting leaves no folder behind.
 
-    ``check``: ``train`` (:func:`~yolo.config.check_train_config`), ``val`` or ``export``; ``schema``: the dotted name of a
-    schema extending :class:`~yolo.config.TrainConfig` (``evolve.config.EvolveConfig``).
+    ``check``: ``train`` (:func:`~yolo.config.check_train_config`), ``val``, ``export`` or ``predict``;
+    ``schema``: the dotted name of a schema extending :class:`~yolo.config.TrainConfig` (``evolve.config.EvolveConfig``).
     """
 
     def __init__(self, check: str = "train", schema: str | None = None) -> None:
@@ -100,6 +100,8 @@ class CheckConfigFirst(Callback):
                 check_val_config(job)
             elif self.check == "export":
                 check_export_config(job)
+            elif self.check == "predict":
+                check_predict_config(job)
             else:
                 check_train_config(job, get_class(self.schema) if self.schema else None)
 

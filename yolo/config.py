@@ -13,7 +13,8 @@ entrypoints (:func:`yolo.group_files.rewrite_path_overrides`) to ``data=external
 
 Hydra checks keys and types while composing; what a value may be (``epochs >= 1``, a probability in [0, 1], one
 of a few words, a device this machine has) is declared on the schema's fields too (:func:`num`, :func:`choice`,
-:func:`checked`) and checked by :func:`check_train_config` / :func:`check_val_config` before any data is read.
+:func:`checked`) and checked by :func:`check_train_config` / :func:`check_val_config` / :func:`check_predict_config`
+before any data is read.
 They also refuse keys the schema does not know: Hydra lets ``+hyp.lr00=1`` add one to a structured config.
 Each failure is a :class:`~yolo.errors.ConfigError` whose message starts with the key.
 """
@@ -24,6 +25,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import os
 import typing
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -87,6 +89,29 @@ def device_rule(key: str, value: Any) -> None:
     from yolo.device import check_device  # deferred: torch; light modules import this schema without it
 
     check_device(value, key)
+
+
+def source_rule(key: str, value: Any) -> None:
+    """Paths that name at least one image or video each (files, folders, globs, ``.txt`` lists, videos that
+    open): checked before a run folder is made."""
+    from yolo.sources import resolve_sources  # deferred: OpenCV; light modules import this schema without it
+
+    resolve_sources(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def file_rule(key: str, value: Any) -> None:
+    """The path of an existing file."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be the path of a file, got {value!r}")
+    if not os.path.isfile(os.path.expanduser(value)):
+        raise ConfigError(f"{key}: {value}: no such file")
+
+
+def classes_rule(key: str, value: Any) -> None:
+    """A class index >= 0 or a list of them (``classes=0``, ``classes=[0,2]``)."""
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ConfigError(f"{key}: must be a class index >= 0 or a list of them, e.g. [0,2], got {value!r}")
 
 
 def each(rule: Rule) -> Rule:
@@ -178,6 +203,29 @@ class ExportConfig:
     half: bool = False  # fp16 weights and input: needs a CUDA device, as upstream
     device: str = checked(device_rule, "cpu")
     output: Optional[str] = None  # default: beside the weights (best.onnx), or the run folder if not writable
+
+
+@dataclass
+class PredictConfig:
+    """``python -m yolo.predict``: detections on images, folders, globs, lists and videos (upstream's detect.py)."""
+
+    weights: str = checked(file_rule, MISSING)
+    source: Any = checked(source_rule, MISSING)  # a path, folder, glob, .txt list or video, or a list of these
+    imgsz: int = num(640, ge=32)  # long side; a non-multiple of the model's stride is rounded up with a warning
+    conf_thres: float = num(0.25, ge=0, le=1)
+    iou_thres: float = num(0.45, ge=0, le=1)
+    max_det: int = num(1000, ge=1)
+    classes: Any = checked(classes_rule, None)  # keep only these classes: 0 or [0,2]; null keeps all
+    agnostic_nms: bool = False
+    batch_size: int = num(1, ge=1)  # images of the same letterboxed shape per forward pass
+    device: str = checked(device_rule, "auto")
+    amp: str = choice("off", "auto", "off", "bf16", "fp16", "true", "false")  # as val's; off: fp32
+    save_img: bool = True  # annotated images, and an annotated .mp4 per video
+    save_txt: bool = False  # labels/<stem>.txt: class cx cy w h, normalised (upstream's format)
+    save_conf: bool = False  # with save_txt: the confidence as a sixth column
+    line_thickness: int = num(3, ge=1)
+    hide_labels: bool = False
+    hide_conf: bool = False
 
 
 @dataclass
@@ -395,9 +443,25 @@ def check_export_config(cfg: Any) -> None:
         raise ConfigError(f"weights: export takes a PyTorch checkpoint (.pt), got {weights}")
 
 
+def check_predict_config(cfg: Any) -> None:
+    """What ``python -m yolo.predict`` can check before loading weights or reading images: the settings, the
+    weights file, that every ``source`` entry names images or videos, and ``amp`` on that device. Raises a
+    one-line user error."""
+    conf = _as_config(cfg)
+    check_config(conf, PredictConfig)
+    if "amp" in conf and "device" in conf:  # amp=fp16 on a CPU, bf16 on a GPU without it: refused here, not later
+        from yolo.device import select_device  # deferred: torch; light modules import this schema without it
+        from yolo.engine.precision import choose  # deferred: torch
+
+        choose(conf.amp, select_device(conf.device))
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="export_schema", node=ExportConfig)
+
+
+    cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="val_schema", node=ValConfig)
     cs.store(name="train_schema", node=TrainConfig)
 
