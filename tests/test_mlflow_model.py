@@ -29,8 +29,19 @@ def trained(tiny_shapes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlmodel")
     cfg = compose("train", train_overrides(tiny_shapes, tmp, "epochs=1", "imgsz=64", "batch_size=16",
                                            f"mlflow.register_model={REGISTERED}"))
-    res = train(cfg)
-    return SimpleNamespace(res=res, uri=f"sqlite:///{tmp / 'mlflow.db'}", data=tiny_shapes)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("yolo")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        res = train(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return SimpleNamespace(res=res, uri=f"sqlite:///{tmp / 'mlflow.db'}", data=tiny_shapes, log=lines)
 
 
 def _val_image(data_yaml: Path) -> Path:
@@ -118,3 +129,46 @@ def test_ui_hint():
     assert ui_hint("sqlite:///runs/mlflow.db") == (
         "MLflow: view the runs with  mlflow ui --backend-store-uri sqlite:///runs/mlflow.db")
     assert "open http://host:5000" in ui_hint("http://host:5000")
+
+
+# ---- what a YOLOv5 user expects to see (the same training) --------------------------------------------------------
+
+
+def test_training_prints_the_scratch_note_the_epoch_all_row_and_the_ui_command(trained):
+    from yolo.engine.trainer import SCRATCH_NOTE
+    from yolo.val import TABLE_HEADER
+
+    log = trained.log
+    assert SCRATCH_NOTE in log
+    header = [i for i, line in enumerate(log) if line == TABLE_HEADER]
+    alls = [i for i, line in enumerate(log) if line.split()[:1] == ["all"]]
+    assert len(header) >= 2 and len(alls) >= 2, log  # the epoch's line, then the final validation's table
+    assert alls[0] == header[0] + 1
+    assert f"MLflow: view the runs with  mlflow ui --backend-store-uri {trained.uri}" in log
+
+
+def test_final_validation_draws_val_batches_and_they_reach_mlflow(trained):
+    from mlflow.tracking import MlflowClient
+
+    save_dir = Path(trained.res.save_dir)
+    for name in ("val_batch0_labels.jpg", "val_batch0_pred.jpg", "train_batch0.jpg"):
+        assert (save_dir / name).is_file(), name
+    names = {a.path for a in MlflowClient(tracking_uri=trained.uri).list_artifacts(trained.res.mlflow_run_id)}
+    assert {"val_batch0_labels.jpg", "val_batch0_pred.jpg", "train_batch0.jpg"} <= names
+
+
+def test_validate_draws_val_batches_unless_plots_false(trained, tmp_path):
+    from yolo.checkpoint import load_model
+    from yolo.data.loader import create_dataloader
+    from yolo.val import validate
+
+    model, _ = load_model(trained.res.best)
+    val = trained.data.parent / "tiny_shapes" / "images" / "val"
+    loader, _ = create_dataloader(str(val), 64, 4, 32, augment=False, rect=True, pad=0.5, workers=0,
+                                  shuffle=False, prefix="val: ")
+    for plots in (True, False):
+        save_dir = tmp_path / str(plots)
+        validate(model, loader, list(CLASS_NAMES), save_dir=save_dir, plots=plots)
+        drawn = sorted(p.name for p in save_dir.glob("val_batch*.jpg"))
+        # 16 images in batches of 4: the first 3 batches, as upstream; none with plots=false
+        assert drawn == ([f"val_batch{i}_{k}.jpg" for i in range(3) for k in ("labels", "pred")] if plots else [])
