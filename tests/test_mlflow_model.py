@@ -58,6 +58,7 @@ def test_finished_training_logs_a_pyfunc_model(trained):
     assert client.get_run(run_id).info.status == "FINISHED"
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "model")}
     assert {"MLmodel", "input_example.json", "requirements.txt"} <= files
+    assert "python_model.pkl" not in files  # models from code: nothing is unpickled at load time
 
     mlflow.set_tracking_uri(trained.uri)
     try:

@@ -17,7 +17,8 @@ Output (:data:`OUTPUT_COLUMNS`): a DataFrame with one row per detection: ``image
 image), ``class``, ``name``, ``confidence``, and the box ``x1, y1, x2, y2`` in the original image's pixels. Params
 ``conf_thres`` (default 0.25), ``iou_thres`` (0.45) and ``max_det`` (1000) may be passed per call.
 
-This module imports ``mlflow``: import it only where MLflow is used (the callback defers it).
+The model is built from code (``yolo/tracking/pyfunc_code.py``), not unpickled. This module imports ``mlflow``:
+import it only where MLflow is used (the tracker defers it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ OUTPUT_COLUMNS = ("image", "class", "name", "confidence", "x1", "y1", "x2", "y2"
 ARTIFACT_PATH = "model"
 WEIGHTS_KEY = "weights"
 DEFAULT_PARAMS = {"conf_thres": 0.25, "iou_thres": 0.45, "max_det": 1000}
+MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # what MLflow runs to build the model: no pickled object
 
 
 def decode_image(value: Any, index: int = 0) -> np.ndarray:
@@ -90,13 +92,17 @@ class YoloDetector(mlflow.pyfunc.PythonModel):
     """The pyfunc model: ``predict(DataFrame['image']) -> DataFrame of detections`` (see the module docstring).
     ``model_config`` holds ``imgsz`` (the training's), ``device`` and the default params."""
 
+    # the signature describes the input (a DataFrame); MLflow's type-hint validation would read predict()'s hints
+    # as a list schema, and warns at class definition when there are none: skip it
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         config = dict(context.model_config or {})
         self.defaults = {k: config.get(k, v) for k, v in DEFAULT_PARAMS.items()}
         self.predictor = Predictor(context.artifacts[WEIGHTS_KEY], imgsz=int(config.get("imgsz", 640)),
                                    device=str(config.get("device", "auto")), **self.defaults)
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
+    def predict(self, context, model_input, params=None):  # no type hints (see above)
         p = self.predictor
         settings = {**self.defaults, **{k: v for k, v in (params or {}).items() if k in DEFAULT_PARAMS}}
         p.conf_thres, p.iou_thres, p.max_det = (float(settings["conf_thres"]), float(settings["iou_thres"]),
@@ -145,7 +151,7 @@ def save_model(path: str | os.PathLike, weights: str | os.PathLike, imgsz: int, 
     """Write the MLflow model of ``weights`` into the new folder ``path`` (``MLmodel``, the weights, signature,
     input example, ``requirements.txt``). Returns ``path``."""
     mlflow.pyfunc.save_model(
-        os.fspath(path), python_model=YoloDetector(), artifacts={WEIGHTS_KEY: os.fspath(weights)},
+        os.fspath(path), python_model=os.fspath(MODEL_CODE), artifacts={WEIGHTS_KEY: os.fspath(weights)},
         model_config={"imgsz": int(imgsz), "device": device, **DEFAULT_PARAMS}, signature=signature(),
         input_example=input_example(example), pip_requirements=pip_requirements())
     return Path(path)
