@@ -92,6 +92,17 @@ def test_register_model_makes_a_version_tagged_with_metrics(trained):
     assert "metrics/mAP_0.5:0.95" in mv.tags and "fitness" in mv.tags
     assert float(mv.tags["fitness"]) == pytest.approx(client.get_run(mv.run_id).data.metrics["fitness"])
 
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(trained.uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}/{mv.version}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    out = model.predict(pd.DataFrame({"image": [str(_val_image(trained.data))]}))
+    assert list(out.columns) == COLUMNS
+
 
 def test_failing_log_model_only_warns(tmp_path, monkeypatch, caplog):
     """The model cannot be saved: one warning, and the run still ends FINISHED with its artifacts."""
