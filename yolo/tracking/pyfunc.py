@@ -24,11 +24,12 @@ import it only where MLflow is used (the tracker defers it).
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import cv2
 import mlflow.pyfunc
@@ -146,14 +147,29 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+@contextlib.contextmanager
+def _no_artifact_bars() -> Iterator[None]:
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def save_model(path: str | os.PathLike, weights: str | os.PathLike, imgsz: int, device: str = "auto",
                example: np.ndarray | None = None) -> Path:
     """Write the MLflow model of ``weights`` into the new folder ``path`` (``MLmodel``, the weights, signature,
     input example, ``requirements.txt``). Returns ``path``."""
-    mlflow.pyfunc.save_model(
-        os.fspath(path), python_model=os.fspath(MODEL_CODE), artifacts={WEIGHTS_KEY: os.fspath(weights)},
-        model_config={"imgsz": int(imgsz), "device": device, **DEFAULT_PARAMS}, signature=signature(),
-        input_example=input_example(example), pip_requirements=pip_requirements())
+    with _no_artifact_bars():  # MLflow's bar while it checks the example would be a stray line in the run's log
+        mlflow.pyfunc.save_model(
+            os.fspath(path), python_model=os.fspath(MODEL_CODE), artifacts={WEIGHTS_KEY: os.fspath(weights)},
+            model_config={"imgsz": int(imgsz), "device": device, **DEFAULT_PARAMS}, signature=signature(),
+            input_example=input_example(example), pip_requirements=pip_requirements())
     return Path(path)
 
 
