@@ -16,8 +16,8 @@ log = logging.getLogger("yolo")
 
 ARTIFACTS = ("config.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "confusion_matrix.png",
              "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png")
-ARTIFACT_GLOBS = ("*.log", "train_batch*.jpg", "val_batch*_labels.jpg", "val_batch*_pred.jpg")  # the run's log
-# file (Hydra's <job>.log) and the batch mosaics
+# the run's log file (Hydra's <job>.log, as far as it is written by then) and the batch mosaics
+ARTIFACT_GLOBS = ("*.log", "train_batch*.jpg", "val_batch*_labels.jpg", "val_batch*_pred.jpg")
 END_STATUS = {"FINISHED": "FINISHED", "STOPPED": "FINISHED", "KILLED": "KILLED", "FAILED": "FAILED"}
 
 
