@@ -277,3 +277,30 @@ def test_val_on_torchscript_matches_pt(exported, weights_dir, few_images):
     ts = val(exported["torchscript"].path, few_images)  # dynamic: rectangular batches, as the .pt
     for a, b in zip(pt.metrics, ts.metrics):
         assert abs(a - b) <= 1e-3, (pt.metrics, ts.metrics)
+
+
+# ---- prediction on an exported file -------------------------------------------------------------------------------
+@needs_onnx
+@needs_coco128
+@pytest.mark.parametrize("kind", ["onnx-dynamic", "onnx", "torchscript"])
+def test_predict_on_an_exported_file_matches_pt(exported, weights_dir, kind, caplog):
+    from yolo.predictor import Predictor
+
+    images = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:3]
+    pt = Predictor(weights_dir / "yolov5n.pt", imgsz=IMGSZ, device="cpu", rect=kind != "onnx")(images)
+    with caplog.at_level(logging.WARNING, logger="yolo"):
+        ex = Predictor(exported[kind].path, imgsz=IMGSZ, device="cpu", batch_size=2)(images)
+    assert [len(d) for d in ex] == [len(d) for d in pt] and sum(len(d) for d in pt) > 0
+    for a, b in zip(ex, pt):
+        assert (a.classes == b.classes).all()
+        assert abs(a.boxes - b.boxes).max() < 0.05 and abs(a.scores - b.scores).max() < 1e-3
+    assert "input only" not in caplog.text  # the fixed export was made at this imgsz
+
+
+@needs_onnx
+def test_predict_with_amp_on_an_exported_file_is_one_line(exported):
+    from yolo.errors import ConfigError
+    from yolo.predictor import Predictor
+
+    with pytest.raises(ConfigError, match="amp: bf16 applies to PyTorch checkpoints"):
+        Predictor(exported["onnx"].path, device="cpu", amp="bf16")

@@ -291,6 +291,8 @@ class MlflowConfig:
     parent_run_id: Optional[str] = None
     timeout_s: float = num(5.0, gt=0)
     log_weights: bool = True  # upload best.pt as an artifact (evolution turns this off: one per generation)
+    log_model: bool = True  # best.pt as an MLflow pyfunc model (artifact folder "model"; yolo.tracking.pyfunc)
+    register_model: Optional[str] = None  # NAME: register that model as a new version of NAME (logs it too)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from yolo.cli import exit_on_user_error, run_hydra_main
+from yolo.cli import CONF_DIR, exit_on_user_error, run_hydra_main
 from yolo.config import check_predict_config  # also registers the config schema that the entry composes
 from yolo.engine.setup import hydra_output_dir
 from yolo.predict_writer import DrawSettings, PredictionWriter
@@ -25,8 +25,6 @@ from yolo.predictor import Backend, Detections, Predictor, TorchBackend, load_ba
 from yolo.sources import SourceError, count_frames, iter_frames, resolve_sources
 
 log = logging.getLogger("yolo")
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: the yolo-predict script runs from anywhere
 
 __all__ = ["Backend", "Detections", "PredictResults", "Predictor", "TorchBackend", "load_backend", "main", "run"]
 

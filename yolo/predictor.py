@@ -36,9 +36,11 @@ from yolo.data.augment import letterbox
 from yolo.device import select_device, sync_time
 from yolo.engine.precision import Precision
 from yolo.engine.precision import choose as choose_precision
+from yolo.engine.precision import normalise as normalise_amp
 from yolo.engine.setup import check_img_size
 from yolo.errors import ConfigError
 from yolo.nms import non_max_suppression
+from yolo.runtime import InferenceModel, load_inference_model, weights_format
 from yolo.sources import Frame, SourceError, as_bgr, iter_frames, kind_of, read_image
 
 log = logging.getLogger("yolo")
@@ -108,11 +110,34 @@ class TorchBackend:
         return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
 
+class ExportedBackend:
+    """An exported file (``.onnx`` through onnxruntime, ``.torchscript``) as a backend. A fixed-shape export takes
+    one input shape only (``input_shape``): the predictor then letterboxes every image to that square and fills
+    partial batches."""
+
+    def __init__(self, loaded: InferenceModel, device: torch.device):
+        self.model, self.names, self.device = loaded.model, list(loaded.names), device
+        self.stride = int(loaded.stride)
+        self.input_shape = loaded.input_shape  # (b, 3, h, w) or None (dynamic)
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if self.input_shape is not None and n < self.input_shape[0]:  # a fixed batch: pad with empty images
+            batch = torch.cat([batch, batch.new_zeros((self.input_shape[0] - n, *batch.shape[1:]))])
+        return self.model(batch)[0][:n].float()
+
+
 def load_backend(weights: str | os.PathLike, device: str = "auto", amp: str = "off", fuse: bool = True) -> Backend:
-    """The model in ``weights`` (loaded strictly into its own architecture, BatchNorm fused) on ``device``, with
-    ``amp`` resolved for it (off: fp32). Every problem with the file is one :class:`CheckpointError`."""
-    model = checked_model(load_checkpoint(weights), weights, fuse=fuse)
+    """The model in ``weights`` on ``device``: a PyTorch checkpoint (loaded strictly into its own architecture,
+    BatchNorm fused, ``amp`` resolved for the device; off: fp32) or an exported ``.onnx``/``.torchscript`` file
+    (:mod:`yolo.runtime`). Every problem with the file is one :class:`CheckpointError`."""
     dev = select_device(device)
+    if weights_format(weights) != "pytorch":
+        if normalise_amp(amp) != "off":
+            raise ConfigError(f"amp: {amp} applies to PyTorch checkpoints; an exported file runs as exported")
+        return ExportedBackend(load_inference_model(weights, dev), dev)
+    model = checked_model(load_checkpoint(weights), weights, fuse=fuse)
     precision = choose_precision(amp, dev)
     if precision.enabled:
         log.info(precision.describe())
@@ -146,6 +171,12 @@ class Predictor:
         self.backend = backend if backend is not None else load_backend(weights, device, amp)
         self.stride = int(self.backend.stride)
         self.imgsz = check_img_size(int(imgsz), self.stride)
+        fixed = getattr(self.backend, "input_shape", None)
+        if fixed is not None:  # a fixed-shape export: its own square size and batch
+            if fixed[2] != self.imgsz or fixed[3] != self.imgsz:
+                log.warning(f"WARNING: the exported model takes {fixed[2]}x{fixed[3]} input only: imgsz={imgsz} "
+                            f"is replaced (export with dynamic=true for other sizes)")
+            self.imgsz, rect, batch_size = int(fixed[2]), False, int(fixed[0])
         self.conf_thres, self.iou_thres, self.max_det = float(conf_thres), float(iou_thres), int(max_det)
         self.classes, self.agnostic_nms, self.multi_label = classes, bool(agnostic_nms), bool(multi_label)
         self.batch_size, self.rect = int(batch_size), bool(rect)

@@ -17,13 +17,13 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from yolo.boxes import scale_boxes, xywh2xyxy, xyxy2xywh
 from yolo.cli import CONF_DIR, exit_on_user_error, run_hydra_main
 from yolo.config import check_val_config, data_source  # also registers the config schema that the entry composes
 from yolo.data.config import DatasetError, ensure_dataset, load_data_config
 from yolo.data.loader import create_dataloader
+from yolo.data.plots import plot_images
 from yolo.device import select_device, sync_time
 from yolo.engine.precision import Precision
 from yolo.engine.precision import choose as choose_precision
@@ -33,11 +33,14 @@ from yolo.metrics import ConfusionMatrix, ap_per_class, fitness, match_predictio
 from yolo.nms import non_max_suppression
 from yolo.plots import plot_ap_curves, plot_confusion_matrix
 from yolo.runtime import InferenceModel, load_inference_model
+from yolo.utils.progress import progress
 
 log = logging.getLogger("yolo")
 
 TABLE_HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW_FORMAT = "%22s" + "%11i" * 2 + "%11.4f" * 4
+PLOT_BATCHES = 3  # val_batch0-2_labels.jpg / _pred.jpg, as upstream
+PLOT_CONF = 0.25  # predictions drawn in val_batch*_pred.jpg
 
 
 @dataclass
@@ -138,7 +141,7 @@ def validate(
     dt = [0.0, 0.0, 0.0]
     seen = 0
 
-    bar = tqdm(dataloader, desc=desc or TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
+    bar = progress(dataloader, desc=desc or TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
     for batch_i, (im, targets, paths, shapes) in enumerate(bar):
         t0 = sync_time(device)
         im = im.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -188,6 +191,8 @@ def validate(
                           labels[:, 0].cpu().numpy()))
             if save_json:
                 jdict.extend(_to_json(predn, Path(paths[si])))
+        if plots and save_dir is not None and batch_i < PLOT_BATCHES:
+            plot_val_batch(batch_i, im, targets, paths, preds, names, save_dir)
         if on_batch_end is not None:
             on_batch_end(batch_i, im, targets, paths, preds)
 
@@ -198,6 +203,28 @@ def validate(
     if was_training:
         model.train()
     return results
+
+
+def preds_as_targets(preds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """NMS output (per image ``(n, 6)`` xyxy in input pixels, conf, cls) as plot targets: ``(n, 7)``
+    ``image_index, cls, cx, cy, w, h, conf``."""
+    rows = [torch.cat((torch.full_like(p[:, :1], i), p[:, 5:6], xyxy2xywh(p[:, :4]), p[:, 4:5]), 1)
+            for i, p in enumerate(preds) if len(p)]
+    return torch.cat(rows, 0).float().cpu() if rows else torch.zeros((0, 7))
+
+
+def plot_val_batch(batch_i: int, im: torch.Tensor, targets: torch.Tensor, paths: Sequence[str],
+                   preds: Sequence[torch.Tensor], names: Sequence[str], save_dir: Path) -> None:
+    """``val_batch{i}_labels.jpg`` (the labels) and ``val_batch{i}_pred.jpg`` (predictions above conf 0.25) of one
+    batch, with class names; a failure is a warning, never the validation's end."""
+    try:
+        images = im.detach().float().cpu()
+        plot_images(images, targets.detach().float().cpu(), list(paths),
+                    Path(save_dir) / f"val_batch{batch_i}_labels.jpg", list(names))
+        plot_images(images, preds_as_targets(preds), list(paths), Path(save_dir) / f"val_batch{batch_i}_pred.jpg",
+                    list(names), conf_thres=PLOT_CONF)
+    except Exception as e:  # noqa: BLE001 - a plot must never end a validation
+        log.warning(f"WARNING: val batch plot failed: {e}")
 
 
 def _to_json(predn: torch.Tensor, path: Path) -> list[dict]:

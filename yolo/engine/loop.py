@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from yolo.engine import distributed
 from yolo.engine.precision import Precision
 from yolo.errors import UserError
+from yolo.utils.progress import progress
 
 PROGRESS_HEADER = ("%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
 
@@ -90,7 +90,7 @@ def train_one_epoch(model: nn.Module, loader, compute_loss: Callable, stepper: S
     model.train()
     nb = len(loader)
     mloss = torch.zeros(3, device=device)
-    pbar = tqdm(enumerate(loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}", disable=not show)
+    pbar = progress(enumerate(loader), total=nb, bar_format="{l_bar}{bar:10}{r_bar}", disable=not show)
     stepper.optimizer.zero_grad()
     for i, (imgs, targets, paths, _) in pbar:
         ni = i + nb * epoch

@@ -53,6 +53,8 @@ from yolo.val import validate
 
 log = logging.getLogger("yolo")
 
+SCRATCH_NOTE = "Training from scratch (no weights=): pass weights=yolov5n.pt to fine-tune"
+
 
 @dataclass
 class TrainResults:
@@ -238,6 +240,8 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, hyp, rp = self.cfg, self.cfg.hyp, self.resume_plan
         ckpt = rp.ckpt if rp is not None else (load_checkpoint(cfg.weights) if cfg.weights else None)
+        if ckpt is None:
+            log.info(SCRATCH_NOTE)
         model_cfg = to_plain(cfg.model) if cfg.model is not None else None
         if model_cfg is None:
             if ckpt is None:
@@ -403,6 +407,8 @@ class Trainer:
                                     iou_thres=cfg.iou_thres, max_det=cfg.max_det, single_cls=cfg.single_cls,
                                     half=self.half_val, compute_loss=self.compute_loss, plots=False)
             self.maps = self.val_res.maps
+            for line in self.val_res.table[:2]:  # upstream's line under each epoch's bar: the header, the `all` row
+                log.info(line)
 
     def end_epoch(self) -> _Stop | None:
         """Rank 0: validate, record the epoch, save checkpoints, ask callbacks and early stopping whether to stop."""

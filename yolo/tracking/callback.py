@@ -1,5 +1,7 @@
 """MLflow as a trainer callback: one MLflow run per training, params at the start, metrics every epoch,
-artifacts and the final status at the end. Tracking never stops a run: any MLflow failure is one warning."""
+artifacts, the model (``best.pt`` as a pyfunc model, :mod:`yolo.tracking.pyfunc`, optionally registered) and the
+final status at the end, then the command that opens the MLflow UI on the store used. Tracking never stops a run:
+any MLflow failure is one warning."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ log = logging.getLogger("yolo")
 
 ARTIFACTS = ("config.yaml", "hyp.yaml", "results.csv", "results.png", "labels.jpg", "confusion_matrix.png",
              "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png")
+# the run's log file (Hydra's <job>.log, as far as it is written by then) and the batch mosaics
+ARTIFACT_GLOBS = ("*.log", "train_batch*.jpg", "val_batch*_labels.jpg", "val_batch*_pred.jpg")
 END_STATUS = {"FINISHED": "FINISHED", "STOPPED": "FINISHED", "KILLED": "KILLED", "FAILED": "FAILED"}
 
 
@@ -53,14 +57,36 @@ class MlflowCallback:
             return
         if trainer.status == "FINISHED":
             self._log_artifacts(Path(trainer.save_dir), trainer.best if trainer.cfg.mlflow.log_weights else None)
+            self._log_model(trainer)
         self._call("end", status=END_STATUS.get(trainer.status, "FAILED"))
         trainer.results.mlflow_run_id = getattr(self.tracker, "run_id", None)
+        if trainer.results.mlflow_run_id:
+            log.info(ui_hint(self.tracker.safe_uri))
+
+    def _log_model(self, trainer: Any) -> None:
+        mcfg = trainer.cfg.mlflow
+        if not (mcfg.log_model or mcfg.register_model) or not Path(trainer.best).exists():
+            return
+        version = self._call("log_model", trainer.best, trainer.imgsz, mcfg.register_model or None)
+        if mcfg.register_model and version is not None and hasattr(version, "version"):
+            log.info(f"MLflow: registered model {version.name} version {version.version}")
 
     def _log_artifacts(self, save_dir: Path, best: Path | None) -> None:
         for name in ARTIFACTS:
             if (save_dir / name).exists():
                 self._call("log_artifact", save_dir / name)
+        for pattern in ARTIFACT_GLOBS:
+            for path in sorted(save_dir.glob(pattern)):
+                self._call("log_artifact", path)
         if (save_dir / ".hydra").is_dir():
             self._call("log_artifacts", save_dir / ".hydra", artifact_path="hydra")
         if best is not None and Path(best).exists():
             self._call("log_artifact", best, artifact_path="weights")
+
+
+def ui_hint(uri: str) -> str:
+    """The line that says how to look at the run: the ``mlflow ui`` command for a local store, the server's
+    address for a remote one."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return f"MLflow: open {uri} to view the run"
+    return f"MLflow: view the runs with  mlflow ui --backend-store-uri {uri}"

@@ -382,6 +382,23 @@ class Tracker:
             with redacted_dir(directory) as upload:
                 self._client.log_artifacts(self._run_id, os.fspath(upload), artifact_path)
 
+    def log_model(self, weights: str | os.PathLike[str], imgsz: int, register_name: str | None = None) -> Any:
+        """Log ``weights`` as the run's MLflow pyfunc model (``runs:/<id>/model``, :mod:`yolo.tracking.pyfunc`) and,
+        with ``register_name``, register it as a new version of that model, tagged with the run's latest metrics.
+        Returns the ``ModelVersion`` (or the model URI when not registering; None when inactive).
+
+        Unlike the other methods this one RAISES on failure and leaves the tracker enabled: a model that cannot be
+        saved or registered is the caller's one warning, and the run still ends with its real status."""
+        if not self.active:
+            return None
+        from yolo.tracking import pyfunc  # deferred: imports mlflow.pyfunc and pandas (seconds), only when logging
+
+        with mlflow_http_env(max(60.0, 2 * float(self.cfg.timeout_s))):
+            uri = pyfunc.log_model(self._client, self._run_id, weights, imgsz)
+            if register_name:
+                return pyfunc.register_model(self._client, register_name, self._run_id)
+        return uri
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
             return
