@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from yolo.errors import UserError
+from yolo.utils.files import read_lines
 
 log = logging.getLogger("yolo")
 
@@ -82,10 +83,9 @@ def _expand(entry: str, base: Path | None, in_list: Path | None) -> list[str]:
 
 def _expand_list(txt: Path) -> list[str]:
     try:
-        text = txt.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark at the start is dropped
+        lines = read_lines(txt)
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"source: cannot read the list {txt}: {e}") from None
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
     if not lines:
         raise SourceError(f"source: the list {txt} names no file")
     return [f for line in lines for f in _expand(line, txt.parent, txt)]

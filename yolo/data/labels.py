@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from yolo.data.config import DatasetError
-from yolo.utils.files import atomic_write, remove_stale_temps
+from yolo.utils.files import atomic_write, read_lines, remove_stale_temps
 
 log = logging.getLogger("yolo")
 
@@ -79,10 +79,9 @@ def list_image_files(sources: str | Path | list) -> list[str]:
 
 def _read_image_list(txt: Path) -> list[str]:
     try:
-        text = txt.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark at the start is dropped
+        lines = read_lines(txt)
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read image list {txt}: {e}") from e
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
     return [x if os.path.isabs(x) else str(txt.parent / x) for x in lines]
 
 

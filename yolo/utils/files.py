@@ -67,6 +67,13 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write(path, lambda f: f.write(text.encode(encoding)))
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (an image list, a source list), stripped; a byte-order mark at the
+    start is dropped. Raises ``OSError`` or ``UnicodeDecodeError`` for the caller to word."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    return [x.strip() for x in text.splitlines() if x.strip()]
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
