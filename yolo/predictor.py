@@ -30,7 +30,6 @@ import torch
 from omegaconf import OmegaConf
 
 from yolo.boxes import scale_boxes
-from yolo.checkpoint import checked_model, load_checkpoint
 from yolo.config import PredictConfig, check_config
 from yolo.data.augment import letterbox
 from yolo.device import select_device, sync_time
@@ -133,15 +132,16 @@ def load_backend(weights: str | os.PathLike, device: str = "auto", amp: str = "o
     BatchNorm fused, ``amp`` resolved for the device; off: fp32) or an exported ``.onnx``/``.torchscript`` file
     (:mod:`yolo.runtime`). Every problem with the file is one :class:`CheckpointError`."""
     dev = select_device(device)
-    if weights_format(weights) != "pytorch":
-        if normalise_amp(amp) != "off":
-            raise ConfigError(f"amp: {amp} applies to PyTorch checkpoints; an exported file runs as exported")
-        return ExportedBackend(load_inference_model(weights, dev), dev)
-    model = checked_model(load_checkpoint(weights), weights, fuse=fuse)
+    exported = weights_format(weights) != "pytorch"
+    if exported and normalise_amp(amp) != "off":
+        raise ConfigError(f"amp: {amp} applies to PyTorch checkpoints; an exported file runs as exported")
+    loaded = load_inference_model(weights, dev, fuse=fuse)  # the one loader of val and predict
+    if exported:
+        return ExportedBackend(loaded, dev)
     precision = choose_precision(amp, dev)
     if precision.enabled:
         log.info(precision.describe())
-    return TorchBackend(model, dev, precision)
+    return TorchBackend(loaded.model, dev, precision)
 
 
 # ---- the predictor -----------------------------------------------------------------------------------------------
