@@ -29,10 +29,11 @@ from typing import Any
 import optuna
 from hydra.core.hydra_config import HydraConfig
 
-from evolve import samplers
+from evolve import fidelity, samplers
+from evolve.final import FINAL_NAME, FinalCheck, final_train
 from evolve.formats import CSV_NAME, Row, best_index
 from evolve.progress import ParentRun, Progress
-from evolve.rows import seed_study_from_csv, study_rows
+from evolve.rows import seed_study_from_csv, study_rows, warm_start
 from evolve.settings import CONFIG_ATTR, Setup, redact, resolve_train_fn
 from evolve.workers import counts, export, recover, run_processes, worker_loop
 
@@ -59,6 +60,17 @@ class EvolveResults:
     study_name: str
     mlflow_parent_run_id: str | None = None
     rows: list[Row] = field(default_factory=list, repr=False)
+    final: FinalCheck | None = None  # evolve.final_train: the best and the base hyps retrained for the full schedule
+
+
+def _final_check(setup: Setup, study: optuna.Study, train_fn: Callable | str | None,
+                 parent: ParentRun) -> FinalCheck | None:
+    rows = study_rows(study.get_trials(deepcopy=False), setup.base)
+    if not rows:
+        return None
+    check = final_train(setup, rows[best_index(rows)].hyp, resolve_train_fn(train_fn), parent.run_id)
+    parent.log_final(check)
+    return check
 
 
 def _initialize(setup: Setup) -> optuna.Study:
@@ -73,9 +85,11 @@ def _initialize(setup: Setup) -> optuna.Study:
             if not csv_path and own_csv.exists() and not study.get_trials(deepcopy=False):
                 csv_path = str(own_csv)
                 log.info(f"evolve: new storage but {own_csv} exists: continuing from it")
+            warm = [str(w) for w in setup.settings.warm_start or []]
             if csv_path and not study.get_trials(deepcopy=False):
                 seed_study_from_csv(study, csv_path, setup.space, setup.base)
             elif not study.get_trials(deepcopy=False):
+                warm_start(study, warm, setup.space, setup.base, setup.out_dir)
                 samplers.enqueue_base(study, setup.space, setup.base)
             study.set_user_attr(CONFIG_ATTR, fp)
         else:
@@ -83,8 +97,8 @@ def _initialize(setup: Setup) -> optuna.Study:
             if changed:
                 log.warning(f"WARNING: evolve: continuing study '{setup.study_name}' with changed settings: "
                             f"{', '.join(changed)} (the earlier generations are kept)")
-            if setup.settings.resume_from_csv:
-                log.warning(f"WARNING: evolve: evolve.resume_from_csv ignored: the study already has "
+            if setup.settings.resume_from_csv or setup.settings.warm_start:
+                log.warning(f"WARNING: evolve: evolve.resume_from_csv / warm_start ignored: the study already has "
                             f"{len(study.get_trials(deepcopy=False))} trials")
         recover(study, setup)
     return study
@@ -109,12 +123,15 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
     study = _initialize(setup)
     parent = ParentRun(setup, study)
     progress = Progress(setup, parent, study)
-    status = "FINISHED"
+    status, check = "FINISHED", None
     try:
         if int(setup.settings.workers) > 1:
             run_processes(setup, study, train_fn, progress.update)
         else:
             worker_loop(setup, resolve_train_fn(train_fn), study=study, on_trial_done=progress.update)
+        if setup.settings.final_train:
+            progress.update(study)
+            check = _final_check(setup, study, train_fn, parent)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -126,8 +143,13 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
         progress.close()
         with setup.lock:
             paths = export(setup, study, plot=True)
+            if check is not None:
+                paths["final"] = setup.out_dir / FINAL_NAME
+            if setup.rungs is not None and status == "FINISHED" and not setup.settings.keep_weights:
+                fidelity.release_unpromoted(study)
         parent.finish(paths, status)
     results = _results(setup, study, paths, parent.run_id)
+    results.final = check
     if results.best_generation >= 0:
         log.info(f"evolve: {results.generations} generations finished ({results.completed} complete, "
                  f"{results.pruned} pruned, {results.failed} failed); best fitness {results.best_fitness:.5g} in "

@@ -30,6 +30,7 @@ log = logging.getLogger("yolo.evolve")
 
 METRIC_KEYS: tuple[str, ...] = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                                 "val/box_loss", "val/obj_loss", "val/cls_loss")
+EXTRA_KEYS: tuple[str, ...] = ("epochs",)  # our columns after upstream's (upstream reads hyps by position, before)
 FIELD_WIDTH = 20
 CSV_NAME, YAML_NAME, PNG_NAME = "evolve.csv", "hyp_evolve.yaml", "evolve.png"
 
@@ -52,12 +53,13 @@ class Row:
         return float(mutation.fitness(self.metrics[:4])[0])
 
 
-def format_evolve_csv(rows: Sequence[Row], columns: Sequence[str]) -> str:
-    """evolve.csv text as upstream writes it: every field right-aligned in 20 characters, values ``%.5g``."""
-    keys = list(METRIC_KEYS) + list(columns)
+def format_evolve_csv(rows: Sequence[Row], columns: Sequence[str], extra: Sequence[str] = ()) -> str:
+    """evolve.csv text as upstream writes it: every field right-aligned in 20 characters, values ``%.5g``; our
+    ``extra`` columns (e.g. the epochs a generation trained, under asha) after upstream's."""
+    keys = list(METRIC_KEYS) + list(columns) + list(extra)
     lines = [",".join(f"{k:>{FIELD_WIDTH}s}" for k in keys)]
     for r in rows:
-        vals = list(r.metrics[: len(METRIC_KEYS)]) + [r.hyp.get(k) for k in columns]
+        vals = list(r.metrics[: len(METRIC_KEYS)]) + [r.hyp.get(k) for k in columns] + [r.extra.get(k) for k in extra]
         lines.append(",".join(f"{_num(v):{FIELD_WIDTH}.5g}" for v in vals))
     return "\n".join(lines) + "\n"
 
@@ -66,9 +68,10 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def write_evolve_csv(path: str | os.PathLike, rows: Sequence[Row], columns: Sequence[str]) -> Path:
+def write_evolve_csv(path: str | os.PathLike, rows: Sequence[Row], columns: Sequence[str],
+                     extra: Sequence[str] = ()) -> Path:
     path = Path(path)
-    atomic_write_text(path, format_evolve_csv(rows, columns))
+    atomic_write_text(path, format_evolve_csv(rows, columns, extra))
     return path
 
 
@@ -85,7 +88,7 @@ def read_evolve_csv(path: str | os.PathLike) -> tuple[list[str], list[Row]]:
         raise EvolveCsvError(f"{path}: not an evolve.csv: the first columns must be {', '.join(METRIC_KEYS)}, "
                          f"got {', '.join(header[:len(METRIC_KEYS)])}")
     columns = header[len(METRIC_KEYS):]
-    unknown = [c for c in columns if c not in HYP_KEYS]
+    unknown = [c for c in columns if c not in HYP_KEYS and c not in EXTRA_KEYS]
     if unknown:
         log.warning(f"WARNING: {path}: ignoring unknown hyperparameter columns {unknown}")
     rows = []
@@ -98,13 +101,20 @@ def read_evolve_csv(path: str | os.PathLike) -> tuple[list[str], list[Row]]:
             raise EvolveCsvError(f"{path}:{i}: non-numeric field in {line}") from None
         metrics = tuple(vals[: len(METRIC_KEYS)])
         hyp = {c: v for c, v in zip(columns, vals[len(METRIC_KEYS):]) if c in HYP_KEYS}
-        rows.append(Row(metrics, hyp))
+        extra = {c: int(v) for c, v in zip(columns, vals[len(METRIC_KEYS):])
+                 if c in EXTRA_KEYS and math.isfinite(v) and 0 < v < 1e6}
+        rows.append(Row(metrics, hyp, extra=extra))
     return [c for c in columns if c in HYP_KEYS], rows
 
 
 def best_index(rows: Sequence[Row]) -> int:
-    """Index of the best row by fitness as it reads from evolve.csv (first one on ties)."""
+    """Index of the best row by fitness as it reads from evolve.csv (first one on ties), among the rows that
+    trained the most epochs when rows say how many (asha: a short rung's fitness is not comparable)."""
     f = mutation.fitness([[mutation.csv_value(m) for m in r.metrics[:4]] for r in rows])
+    budgets = [r.extra.get("epochs") for r in rows]
+    top = max((b for b in budgets if b is not None), default=None)
+    if top is not None:
+        f = np.where([b is None or b == top for b in budgets], f, -np.inf)
     return int(np.argmax(f))
 
 
@@ -173,13 +183,13 @@ def plot_evolve(path: str | os.PathLike, rows: Sequence[Row], columns: Sequence[
 
 
 def export_outputs(rows: Sequence[Row], out_dir: str | os.PathLike, columns: Sequence[str], *, plot: bool = True,
-                   title: str = "") -> dict[str, Path]:
+                   title: str = "", extra: Sequence[str] = ()) -> dict[str, Path]:
     """Write evolve.csv, hyp_evolve.yaml and (with ``plot``) evolve.png for ``rows``; nothing without rows."""
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
     if not rows:
         return paths
-    paths["csv"] = write_evolve_csv(out_dir / CSV_NAME, rows, columns)
+    paths["csv"] = write_evolve_csv(out_dir / CSV_NAME, rows, columns, extra)
     paths["yaml"] = write_hyp_yaml(out_dir / YAML_NAME, rows, title)
     if plot:
         try:

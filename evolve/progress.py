@@ -81,6 +81,14 @@ class ParentRun:
             self.tracker.log_metrics({"fitness": rows[i].fitness, "best_fitness": best}, step=i)
         self.logged = len(rows)
 
+    def log_final(self, check: Any) -> None:
+        """The generalisation check's figures (:class:`evolve.final.FinalCheck`) on the parent run."""
+        if self.tracker is None:
+            return
+        self.tracker.log_metrics({"final/best_fitness": check.best.fitness, "final/base_fitness": check.base.fitness,
+                                  "final/gain": check.gain, "final/best_mAP50-95": check.best.map,
+                                  "final/base_mAP50-95": check.base.map}, step=0)
+
     def finish(self, paths: Mapping[str, Path], status: str) -> None:
         if self.tracker is None:
             return

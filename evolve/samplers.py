@@ -1,7 +1,9 @@
 """Every strategy as an Optuna sampler over the same space, so storage, resume, workers and pruning are shared.
 
 ``mutation`` (the default) is YOLOv5's search (:mod:`evolve.mutation`) wrapped in :class:`MutationSampler`;
-``tpe``, ``cmaes``, ``gp``, ``random`` and ``qmc`` are Optuna's own samplers. Whatever the strategy, the study's
+``tpe`` (multivariate), ``cmaes``, ``gp``, ``random`` and ``qmc`` are Optuna's own samplers; ``auto``
+(:class:`AutoSampler`) is the GP first, then CMA-ES from the GP's best, or TPE where the space has categorical
+choices. Whatever the strategy, the study's
 first trial is the base hyps, enqueued by :func:`enqueue_base` when the study is created.
 
 Each trial's complete hyps (searched keys, and the gain-0 keys a strategy may not change) are kept in the trial:
@@ -29,10 +31,11 @@ from yolo.errors import ConfigError
 
 log = logging.getLogger("yolo.evolve")
 
-STRATEGIES = ("mutation", "tpe", "cmaes", "gp", "random", "qmc")
+STRATEGIES = ("mutation", "tpe", "cmaes", "gp", "auto", "random", "qmc")
 ALIASES = {"upstream": "mutation", "ga": "mutation", "genetic": "mutation", "cma": "cmaes", "cma-es": "cmaes",
            "sobol": "qmc"}
 HYP_ATTR = "evolve:hyp"  # system attr: the complete hyps a sampler chose for a trial
+AUTO_ATTR = "evolve:auto"  # system attr: the sampler the auto strategy used for a trial
 BASE_ATTR = "evolve:base"  # user attr of the enqueued first trial
 METRICS_ATTR = "metrics"  # user attr: the 7 evolve.csv metrics of a finished generation
 FULL_HYP_ATTR = "hyp"  # user attr: the complete hyps a generation trained with
@@ -134,8 +137,14 @@ def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, 
         return MutationSampler(space, base, seed=seed, parent=parent, **kw)
     s = None if seed is None else int(seed) + int(worker)
     samplers = optuna.samplers
+    if strategy == "auto":
+        return AutoSampler(space, base, seed=s, **kw)
     if strategy == "tpe":
-        return samplers.TPESampler(seed=s, **kw)
+        kw.setdefault("multivariate", True)  # the hyps interact (lr0 with momentum, the loss gains together)
+        kw.setdefault("constant_liar", True)  # parallel workers do not all sample the same point
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return samplers.TPESampler(seed=s, **kw)
     if strategy == "random":
         return samplers.RandomSampler(seed=s, **kw)
     if strategy == "qmc":
@@ -145,20 +154,101 @@ def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return samplers.QMCSampler(seed=None if seed is None else int(seed), **kw)
     if strategy == "gp":
-        return samplers.GPSampler(seed=s, **kw)
+        return gp_sampler(s, **kw)
     if strategy == "cmaes":
-        import importlib.util
-
-        if importlib.util.find_spec("cmaes") is None:
-            raise ImportError("evolve.strategy=cmaes needs the 'cmaes' package: pip install cmaes")
-        # CMA-ES's mean starts at the base hyps, like the mutation search (Optuna's default is the middle of
-        # every range: e.g. mosaic 0.5 and lr0 0.05 whatever the base); its step size stays Optuna's (1/6 of a range)
-        kw.setdefault("x0", {k: min(max(float(base[k]), space.bounds[k].lower), space.bounds[k].upper)
-                             for k in space.tuned_keys})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # x0 is deprecated in Optuna 4.9, removed in 6.0
-            return samplers.CmaEsSampler(seed=s, **kw)
+        return cmaes_sampler(space, base, s, **kw)
     raise AssertionError(strategy)
+
+
+def gp_sampler(seed: int | None, **kw: Any) -> BaseSampler:
+    """Optuna's GP sampler for training runs: a noisy objective (``deterministic_objective`` false), and few
+    random trials before the model (the base hyps are the first, the search space is a box around them)."""
+    kw.setdefault("n_startup_trials", 5)
+    kw.setdefault("deterministic_objective", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.GPSampler(seed=seed, **kw)
+
+
+def cmaes_sampler(space: SearchSpace, center: Mapping[str, Any], seed: int | None, **kw: Any) -> BaseSampler:
+    """CMA-ES whose mean starts at ``center`` (the base hyps, like the mutation search; Optuna's default is the
+    middle of every range: e.g. mosaic 0.5 and lr0 0.05 whatever the base); its step size stays Optuna's."""
+    import importlib.util
+
+    if importlib.util.find_spec("cmaes") is None:
+        raise ImportError("evolve.strategy=cmaes needs the 'cmaes' package: pip install cmaes")
+    kw.setdefault("x0", {k: min(max(float(center[k]), space.bounds[k].lower), space.bounds[k].upper)
+                         for k in space.tuned_keys})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # x0 is deprecated in Optuna 4.9, removed in 6.0
+        return optuna.samplers.CmaEsSampler(seed=seed, **kw)
+
+
+class AutoSampler(BaseSampler):
+    """``evolve.strategy=auto``: the GP while data are few (it needs the fewest trials to model a smooth
+    response), then CMA-ES (cheap per trial, scales to many trials) with its mean at the best of the GP's
+    ``switch`` first finished generations; TPE throughout when the space has categorical choices (neither GP nor
+    CMA-ES models them well). Which sampler a trial used is kept in the trial (:data:`AUTO_ATTR`).
+
+    The switch depends only on the ledger (the finished generations, in trial order), so every worker and a
+    resumed evolution switch at the same point and start CMA-ES from the same mean.
+    """
+
+    def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
+                 switch: int = 20) -> None:
+        self.space, self.base, self.seed, self.switch = space, dict(base), seed, int(switch)
+        self._gp = gp_sampler(seed)
+        self._tpe: BaseSampler | None = None
+        self._cma: BaseSampler | None = None
+        self._cma_x0: dict[str, float] | None = None
+
+    def phase(self, study: optuna.Study) -> str:
+        """``gp``, ``cmaes`` or ``tpe``: the sampler for the next trial of ``study``."""
+        if any(isinstance(d, optuna.distributions.CategoricalDistribution)
+               for d in self.space.distributions().values()):
+            return "tpe"
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return "gp" if len(done) < self.switch else "cmaes"
+
+    def _sampler(self, study: optuna.Study, trial: FrozenTrial) -> BaseSampler:
+        name = trial.system_attrs.get(AUTO_ATTR)
+        if name not in ("gp", "cmaes", "tpe"):
+            name = self.phase(study)
+            oi.set_system_attr(study, trial, AUTO_ATTR, name)
+        if name == "gp":
+            return self._gp
+        if name == "tpe":
+            self._tpe = self._tpe or make_sampler("tpe", self.space, self.base, seed=self.seed)
+            return self._tpe
+        if self._cma is None:
+            done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+            first = done[: self.switch]
+            best = max(first, key=lambda t: (t.value if t.value is not None else -np.inf, -t.number))
+            self._cma_x0 = {**self.base, **trial_hyp(best, self.base), **best.params}
+            self._cma = cmaes_sampler(self.space, self._cma_x0, self.seed)
+        return self._cma
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._sampler(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        trial = oi.frozen(study, trial)  # with the phase just recorded
+        return self._sampler(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        trial = oi.frozen(study, trial)
+        return self._sampler(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        name = trial.system_attrs.get(AUTO_ATTR)
+        inner = {"gp": self._gp, "tpe": self._tpe, "cmaes": self._cma}.get(name)
+        if inner is not None:
+            inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._gp.reseed_rng()
 
 
 def enqueue_base(study: optuna.Study, space: SearchSpace, base: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from evolve import mutation, samplers
+from evolve import fidelity, mutation, samplers
 from evolve.beats import JournalBeats
 from evolve.config import EvolveConfig
 from evolve.locations import describe_storage
@@ -50,6 +50,12 @@ class Setup:
         if self.pruner_name not in PRUNERS:
             raise ConfigError(f"evolve.pruner: must be one of {PRUNERS}, got {ev.pruner!r}")
         self.pruning = self.pruner_name != "none"
+        self.fidelity = str(ev.fidelity or "full").lower()
+        if self.fidelity not in fidelity.FIDELITIES:
+            raise ConfigError(f"evolve.fidelity: must be one of {', '.join(fidelity.FIDELITIES)}, got {ev.fidelity!r}")
+        self.rungs = (fidelity.Rungs.make(int(cfg.epochs), int(ev.min_epochs), int(ev.eta))
+                      if self.fidelity == "asha" else None)
+        self.extra_columns = fidelity.EXTRA_COLUMNS if self.rungs is not None else ()
         if ev.parent not in mutation.PARENT_METHODS:
             raise ConfigError(f"evolve.parent: must be one of {mutation.PARENT_METHODS}, got {ev.parent!r}")
         if int(cfg.generations) < 0 or int(ev.workers) < 1:
@@ -83,6 +89,9 @@ class Setup:
         log.info(f"evolve: {self.generations} generations, strategy {self.strategy}"
                  + (f" (parent {self.settings.parent})" if self.strategy == "mutation" else "")
                  + f", seed {self.settings.seed}, pruner {self.pruner_name}, {max(1, self.settings.workers)} worker(s)")
+        if self.rungs is not None:
+            log.info(f"evolve: fidelity asha: rungs of {', '.join(map(str, self.rungs.budgets))} epochs, the top "
+                     f"1/{self.rungs.eta} of each promoted (every rung is one generation)")
         log.info(f"evolve: searching {len(sp.keys)} hyperparameters ({len(sp.tuned_keys)} with gain > 0)"
                  + (f"; not searched: {', '.join(sp.excluded)}" if sp.excluded else ""))
         log.info(f"evolve: results in {self.out_dir}, storage {where}, study '{self.study_name}'")
@@ -93,9 +102,12 @@ class Setup:
                             grace_s=self.settings.heartbeat_grace_s, max_retries=self.settings.max_retries)
 
     def sampler(self) -> optuna.samplers.BaseSampler:
-        return samplers.make_sampler(self.strategy, self.space, self.base, seed=self.settings.seed,
-                                     parent=self.settings.parent, worker=self.worker,
-                                     kwargs=OmegaConf.to_container(self.settings.sampler_kwargs, resolve=True))
+        kw = OmegaConf.to_container(self.settings.sampler_kwargs, resolve=True)
+        if self.strategy == "auto":
+            kw.setdefault("switch", int(self.settings.auto_switch))
+        inner = samplers.make_sampler(self.strategy, self.space, self.base, seed=self.settings.seed,
+                                      parent=self.settings.parent, worker=self.worker, kwargs=kw)
+        return fidelity.FirstRungSampler(inner) if self.rungs is not None else inner
 
     def pruner(self) -> optuna.pruners.BasePruner:
         if self.pruner_name == "median":
@@ -110,7 +122,9 @@ class Setup:
                                    pruner=self.pruner(), direction="maximize", load_if_exists=True)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "seed": int(self.settings.seed), "parent": str(self.settings.parent),
+        return {"strategy": self.strategy, "fidelity": self.fidelity,
+                "rungs": list(self.rungs.budgets) if self.rungs else None,
+                "seed": int(self.settings.seed), "parent": str(self.settings.parent),
                 "space": self.space.as_table(), "base": self.base, "columns": self.columns}
 
     # ---- a generation's training config ------------------------------------------------------------------------

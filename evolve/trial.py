@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evolve import mutation, recovery, samplers
+from evolve import fidelity, mutation, recovery, samplers
 from evolve import optuna_internals as oi
 from evolve.beats import Heartbeat
 from evolve.settings import Setup
@@ -80,9 +80,18 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
     save_dir = setup.out_dir / "generations" / f"trial{trial.number:04d}"
     callbacks = [PruningCallback(trial)] if setup.pruning else []
     oi.set_user_attr(study, trial, samplers.FULL_HYP_ATTR, hyp)
+    oi.set_user_attr(study, trial, "save_dir", str(save_dir))
+    rung, keep_last = 0, False
     t0 = time.time()
     res, pruned = None, False
     try:
+        if setup.rungs is not None:
+            rung = fidelity.rung_of(oi.frozen(study, trial))
+            cfg.stop_epoch = setup.rungs.stop_epoch(rung)
+            keep_last = cfg.stop_epoch is not None  # a lower rung's checkpoint waits for its promotion
+            start = fidelity.prepare_resume(study, oi.frozen(study, trial), save_dir)
+            if start is not None:
+                cfg.resume = str(start)
         with Heartbeat(study, trial, setup.beats):
             try:
                 res = train_fn(cfg, callbacks=callbacks, save_dir=str(save_dir))
@@ -103,7 +112,10 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
         fail(study, trial, f"{type(e).__name__}: {e}")
         return "failed"
     finally:
-        if not setup.settings.keep_weights:
+        (save_dir / fidelity.RESUME_NAME).unlink(missing_ok=True)
+        if keep_last and res is not None and not pruned:
+            (save_dir / "weights" / "best.pt").unlink(missing_ok=True)
+        elif not setup.settings.keep_weights:
             shutil.rmtree(save_dir / "weights", ignore_errors=True)
 
     if res is not None:
@@ -117,6 +129,9 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
              "train_s": round(time.time() - t0, 3), "worker": setup.worker, "save_dir": str(save_dir)}
     if res is not None:
         attrs["epochs_completed"] = int(getattr(res, "epochs_completed", 0) or 0)
+        attrs[fidelity.EPOCHS_ATTR] = attrs["epochs_completed"]
+        if setup.rungs is not None:
+            attrs["rung"] = rung
         if getattr(res, "mlflow_run_id", None):
             attrs["mlflow_run_id"] = res.mlflow_run_id
     try:
@@ -127,11 +142,14 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
             log.info(f"evolve: trial {trial.number} pruned (fitness so far {fit:.5g})")
             return "pruned"
         study.tell(trial, fit)
+        if setup.rungs is not None and not setup.settings.keep_weights:
+            fidelity.release_parent(study, oi.frozen(study, trial))
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning(f"WARNING: evolve: trial {trial.number} was marked failed by another worker meanwhile; "
                     f"its result is dropped")
         return "failed"
     p, r, m50, m = metrics[:4]
-    log.info(f"evolve: trial {trial.number} finished: fitness {fit:.5g} (P {p:.4g}, R {r:.4g}, mAP50 {m50:.4g}, "
+    budget = f" after {attrs.get(fidelity.EPOCHS_ATTR)} epochs (rung {rung})" if setup.rungs is not None else ""
+    log.info(f"evolve: trial {trial.number} finished{budget}: fitness {fit:.5g} (P {p:.4g}, R {r:.4g}, mAP50 {m50:.4g}, "
              f"mAP50-95 {m:.4g}) in {time.time() - t0:.1f}s")
     return "complete"

@@ -19,10 +19,10 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from evolve import beats, recovery
+from evolve import beats, fidelity, recovery
 from evolve import optuna_internals as oi
 from evolve.formats import export_outputs
-from evolve.rows import study_rows
+from evolve.rows import is_warm, study_rows
 from evolve.settings import PARENT_ATTR, Setup, resolve_train_fn
 from evolve.trial import fail, run_trial
 from yolo.errors import ConfigError
@@ -47,7 +47,7 @@ def counts(study: optuna.Study) -> Counts:
     c = Counts()
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:
-            c.completed += 1
+            c.completed += 0 if is_warm(t) else 1
         elif t.state == TrialState.PRUNED:
             c.pruned += 1
         elif t.state == TrialState.FAIL and not t.system_attrs.get(recovery.SURPLUS_ATTR):
@@ -62,7 +62,7 @@ def counts(study: optuna.Study) -> Counts:
 def over_budget(study: optuna.Study, number: int, generations: int) -> bool:
     """Whether trial ``number`` started after the budget was taken (only possible across machines)."""
     trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_warm(t) for t in trials)
     ahead = sum(t.state == TrialState.RUNNING and t.number < number for t in trials)
     return finished + ahead >= generations
 
@@ -78,7 +78,7 @@ def recover(study: optuna.Study, setup: Setup) -> None:
 def export(setup: Setup, study: optuna.Study, plot: bool) -> dict[str, Path]:
     rows = study_rows(study.get_trials(deepcopy=False), setup.base)
     return export_outputs(rows, setup.out_dir, setup.columns, plot=plot and setup.settings.plot,
-                          title=str(setup.out_dir))
+                          title=str(setup.out_dir), extra=setup.extra_columns)
 
 
 def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = None,
@@ -97,6 +97,8 @@ def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = N
                 break
             trial = None
             if c.finished + c.running < setup.generations:
+                if setup.rungs is not None:
+                    fidelity.maybe_promote(study, setup.rungs)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Optuna: "heartbeat ... supposed to be used with optimize"
                     trial = study.ask()

@@ -15,6 +15,7 @@ Behaviour for process-level tests, from the environment:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -60,14 +61,20 @@ def fake_train(cfg, callbacks=(), save_dir=None) -> TrainResults:
     time.sleep(float(os.environ.get("YOLO_FAKE_TRAIN_SLEEP", "0") or 0))
 
     hyp = OmegaConf.to_container(cfg.hyp, resolve=True)
-    final = score(hyp)
     epochs = max(1, int(cfg.epochs))
+    start, trained = 0, 0
+    if cfg.get("resume"):  # a fake checkpoint: {"epoch": last epoch done, "hyp": ..., "trained": epochs run}
+        ckpt = json.loads(Path(cfg.resume).read_text())
+        start, hyp, trained = int(ckpt["epoch"]) + 1, ckpt["hyp"], int(ckpt["trained"])
+    final = score(hyp)
+    end = min(epochs, int(cfg.get("stop_epoch") or epochs))
     res = TrainResults(save_dir=str(save_dir or ""))
     tracker = _child_run(cfg, hyp)
     cbs = CallbackList(callbacks)
     try:
-        for epoch in range(epochs):
-            last = epoch == epochs - 1
+        for epoch in range(start, end):
+            trained += 1
+            last = epoch == end - 1
             m = final * (epoch + 1) / epochs if (last or not cfg.noval) else 0.0
             res.map, res.map50 = m, min(1.0, 1.6 * m)
             res.precision, res.recall = min(1.0, 0.5 + m / 2), min(1.0, 0.3 + m)
@@ -81,12 +88,26 @@ def fake_train(cfg, callbacks=(), save_dir=None) -> TrainResults:
             if tracker is not None:
                 tracker.log_metrics(metrics, step=epoch)
             cbs.fire("on_fit_epoch_end", SimpleNamespace(epoch=epoch, metrics=metrics))
+            if last and save_dir:  # like the trainer with nosave: last.pt at the final epoch of the leg
+                w = Path(save_dir) / "weights"
+                w.mkdir(parents=True, exist_ok=True)
+                (w / "last.pt").write_text(json.dumps({"epoch": epoch, "hyp": hyp, "trained": trained}))
     except StopTraining as e:
         res.stopped_early, res.pruned = True, e.pruned
+    res.paused = end < epochs and res.epochs_completed == end
+    _record_trained(cfg, trained)
     if tracker is not None:
         res.mlflow_run_id = tracker.run_id
         tracker.end("KILLED" if res.pruned else "FINISHED")
     return res
+
+
+def _record_trained(cfg, trained: int) -> None:
+    """``YOLO_FAKE_TRAIN_LOG``: append ``name epochs-trained-since-scratch`` per call (tests add up epochs)."""
+    log = os.environ.get("YOLO_FAKE_TRAIN_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{cfg.name} {trained} {cfg.get('stop_epoch')} {bool(cfg.get('resume'))}\n")
 
 
 def _claim(path: Path) -> bool:

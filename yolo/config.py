@@ -309,6 +309,9 @@ class TrainConfig:
     datasets_dir: str = DATASETS_DIR
     weights: Optional[str] = None
     epochs: int = num(100, ge=1)
+    # train only up to this epoch of the `epochs` schedule, then validate, save a resumable last.pt and stop;
+    # resume=last.pt (with a later stop_epoch, or none) continues the same schedule (evolution's asha fidelity)
+    stop_epoch: Optional[int] = num(None, ge=1)
     batch_size: int = num(16, ge=1)
     imgsz: int = num(640, ge=32)  # a non-multiple of the model's stride is rounded up with a warning
     device: str = checked(device_rule, "auto")

@@ -35,6 +35,8 @@ from yolo.utils.files import remove_stale_temps
 log = logging.getLogger("yolo")
 
 PLACE_KEYS = frozenset({"data", "datasets_dir", "project", "name", "mlflow", "weights", "resume", "exist_ok"})
+# this command's only, never the checkpoint's: where this leg of the schedule stops (none: at its end)
+LEG_KEYS = frozenset({"stop_epoch"})
 HONOURED_KEYS = frozenset({"epochs", "workers", "device", "cache", "noplots", "save_period", "patience"})
 _FALSE = (None, False, 0, "", "false", "False", "no", "0")
 _TRUE = ("true", "True", "1", "yes")
@@ -140,7 +142,7 @@ def _stored_training(path: Path, ckpt: Checkpoint) -> DictConfig:
 
 def _apply_command(merged: DictConfig, cfg: DictConfig, given: Iterable[str] | None, path: Path) -> None:
     """Places from the current config; command settings honoured where sound, else refused."""
-    for key in PLACE_KEYS:
+    for key in PLACE_KEYS | LEG_KEYS:
         if key in cfg:
             merged[key] = cfg[key]
     if given is None:  # a library call: no command line to read; honour what differs from the defaults
@@ -148,7 +150,7 @@ def _apply_command(merged: DictConfig, cfg: DictConfig, given: Iterable[str] | N
         given = [k for k in HONOURED_KEYS if k in cfg and cfg[k] != defaults[k]]
     for key in given:
         top = key.split(".")[0]
-        if top in PLACE_KEYS or top == "hydra" or top not in cfg:
+        if top in PLACE_KEYS or top in LEG_KEYS or top == "hydra" or top not in cfg:
             continue
         if top in HONOURED_KEYS:
             merged[top] = cfg[top]

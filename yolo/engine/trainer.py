@@ -74,6 +74,7 @@ class TrainResults:
     mlflow_run_id: str | None = None
     stopped_early: bool = False
     pruned: bool = False
+    paused: bool = False  # stopped at ``stop_epoch`` with a resumable last.pt
     history: list[dict[str, float]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,6 +154,10 @@ class Trainer:
         self.resume_plan = self._resume_plan(cfg)
         self.cfg = self.resume_plan.cfg if self.resume_plan is not None else cfg
         self.resumed = self.resume_plan is not None
+        done = self.resume_plan.start_epoch if self.resume_plan is not None else 0
+        if self.pausing and done >= self.end_epoch_index:
+            raise ConfigError(f"stop_epoch={self.cfg.stop_epoch}: the run has already trained {done} epochs; give a "
+                              f"later stop_epoch, or none to train to the end ({self.cfg.epochs})")
         self.ckpt_extra: dict[str, Any] = {}  # callbacks may add to what every checkpoint records
         self.results = TrainResults()
         self.epoch = self.start_epoch = 0
@@ -171,6 +176,16 @@ class Trainer:
     @property
     def epochs(self) -> int:
         return self.cfg.epochs
+
+    @property
+    def end_epoch_index(self) -> int:
+        """Epochs this leg trains up to: ``stop_epoch`` when it cuts the schedule short, else ``epochs``."""
+        stop = self.cfg.get("stop_epoch")
+        return min(int(stop), self.cfg.epochs) if stop else self.cfg.epochs
+
+    @property
+    def pausing(self) -> bool:
+        return self.end_epoch_index < self.cfg.epochs
 
     @property
     def save_dir_str(self) -> str:
@@ -355,7 +370,7 @@ class Trainer:
                 self._hold.release()
 
     def _epochs(self) -> _Stop | None:
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        for epoch in range(self.start_epoch, self.end_epoch_index):
             self.epoch = epoch
             self.train_epoch()
             verdict = self.end_epoch() if self.main else None
@@ -413,7 +428,7 @@ class Trainer:
     def end_epoch(self) -> _Stop | None:
         """Rank 0: validate, record the epoch, save checkpoints, ask callbacks and early stopping whether to stop."""
         cfg, epoch = self.cfg, self.epoch
-        final_epoch = (epoch + 1 == cfg.epochs) or self.stopper.possible_stop
+        final_epoch = (epoch + 1 == self.end_epoch_index) or self.stopper.possible_stop
         self.validate(final_epoch)
         row = epoch_row(self.mloss, self.val_res, self.lr)
         fi = float(self.val_res.fitness) if self.val_res is not None else 0.0
@@ -450,6 +465,11 @@ class Trainer:
             log.info(f"Training stopped after epoch {self.epoch}: {stop.reason}")
             self.results.pruned = stop.pruned
             self.status = "KILLED" if stop.pruned else "STOPPED"
+        elif self.pausing and self.results.epochs_completed == self.end_epoch_index:
+            log.info(f"Paused after epoch {self.epoch} of {self.cfg.epochs} (stop_epoch={self.cfg.stop_epoch}); "
+                     f"continue with resume={self.last}")
+            self.results.paused = True
+            self.status = "STOPPED"
         else:
             self.finish()
             self.status = "FINISHED"
