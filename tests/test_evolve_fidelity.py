@@ -257,6 +257,11 @@ def test_stop_epoch_pauses_and_a_resume_continues_the_schedule(tiny_shapes, tmp_
     assert len(second.history) == 2  # epochs 1 and 2 only: the first was not trained again
     lines = (Path(second.save_dir) / "results.csv").read_text().strip().splitlines()
     assert len(lines) == 4
+    # a promotion is the uninterrupted run: float32 weights at the pause and the accumulation phase carried on
+    straight = train(compose_train("train", ov))
+    assert straight.epochs_completed == 3
+    assert [h["train/box_loss"] for h in second.history] == [h["train/box_loss"] for h in straight.history[1:]]
+    assert (second.map50, second.map) == (straight.map50, straight.map)
 
 
 # ---- the generalisation check -----------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ key                value
 ``model_yaml``     the architecture dict (upstream layout, ``nc`` and ``ch`` included)
 ``names``          class names, ``list[str]``
 ``stride``         ``list[float]``, e.g. ``[8.0, 16.0, 32.0]``
-``state_dict``     model weights, floating tensors stored as float16 (as upstream stores them)
-``ema_state_dict`` EMA weights (float16) or ``None``
+``state_dict``     model weights, floating tensors stored as float16 (as upstream stores them; float32 when
+                   written at a ``stop_epoch`` pause, so the resume continues exactly)
+``ema_state_dict`` EMA weights (float16, or float32 likewise) or ``None``
 ``updates``        number of EMA updates or ``None``
 ``optimizer``      ``optimizer.state_dict()`` or ``None``
 ``epoch``          last finished epoch, ``-1`` for a final/stripped checkpoint
@@ -292,21 +293,23 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # writing
 
 
-def _half_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in sd.items()}
+def _half_state_dict(sd: Mapping[str, torch.Tensor], half: bool = True) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in sd.items()}
 
 
-def _model_state(obj: Any) -> dict[str, torch.Tensor] | None:
-    """A model, an EMA holder (``.ema`` module) or a state dict -> a half-precision state dict."""
+def _model_state(obj: Any, half: bool = True) -> dict[str, torch.Tensor] | None:
+    """A model, an EMA holder (``.ema`` module) or a state dict -> a half-precision (or, with ``half`` false,
+    full-precision) state dict."""
     if obj is None:
         return None
     if isinstance(obj, Mapping):
-        return _half_state_dict(obj)
+        return _half_state_dict(obj, half)
     if isinstance(obj, nn.Module):
-        return _half_state_dict(unwrap_model(obj).state_dict())
+        return _half_state_dict(unwrap_model(obj).state_dict(), half)
     inner = getattr(obj, "ema", None)
     if isinstance(inner, nn.Module):
-        return _half_state_dict(unwrap_model(inner).state_dict())
+        return _half_state_dict(unwrap_model(inner).state_dict(), half)
     raise TypeError(f"cannot take a state dict from {type(obj).__name__}")
 
 
@@ -358,10 +361,12 @@ def save_checkpoint(
     updates: int | None = None,
     config: Any = None,
     extra: Mapping | None = None,
+    full_precision: bool = False,
 ) -> Path:
     """Write our format (see the module docstring) atomically. ``ema`` may be a model, an object with ``.ema``
     (and ``.updates``) or a state dict; ``optimizer`` an optimizer or its state dict; ``config`` a DictConfig or
-    dict (stored as a plain dict)."""
+    dict (stored as a plain dict). ``full_precision``: weights in float32, not float16 (a paused run's checkpoint:
+    its resume then continues exactly as an uninterrupted run would)."""
     path = Path(path)
     net = unwrap_model(model)
     if updates is None and ema is not None and isinstance(getattr(ema, "updates", None), int):
@@ -374,8 +379,8 @@ def save_checkpoint(
         model_yaml=copy.deepcopy(getattr(net, "yaml", {})),
         names=list(getattr(net, "names", [])),
         stride=stride,
-        state_dict=_model_state(net),
-        ema_state_dict=_model_state(ema),
+        state_dict=_model_state(net, half=not full_precision),
+        ema_state_dict=_model_state(ema, half=not full_precision),
         updates=updates,
         optimizer=None if optimizer is None else copy.deepcopy(dict(optimizer)),
         epoch=epoch,

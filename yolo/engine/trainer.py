@@ -141,6 +141,14 @@ def epoch_row(mloss: torch.Tensor, val_res, lr: list[float]) -> dict[str, float]
     return results_csv.columns_for(vals + list(lr))
 
 
+def resumed_last_step(stored: Any, done: int) -> int:
+    """The global batch index of the last optimizer step a checkpoint recorded, if sound (an int before the
+    ``done`` batches it trained); else -1, upstream's start (the first batch then steps)."""
+    if isinstance(stored, int) and not isinstance(stored, bool) and -1 <= stored < done:
+        return stored
+    return -1
+
+
 class Trainer:
     """One training run. Read by callbacks (see :mod:`yolo.engine.callbacks` for what each event carries)."""
 
@@ -340,6 +348,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scaler)
         self.stepper = Stepper(self.model, self.optimizer, self.scaler, self.ema, self.info.world_size,
                                accumulate_steps(self.batch_size))
+        if self.resume_plan is not None:  # the accumulation phase goes on where it was (not in upstream's resume)
+            self.stepper.last_step = resumed_last_step(self.resume_plan.ckpt.extra.get("last_step"),
+                                                       self.start_epoch * len(self.train_loader))
         self.nw = warmup_iterations(cfg.hyp.warmup_epochs, len(self.train_loader))
         self.stopper = EarlyStopping(cfg.patience)
         self.stopper.best_fitness = self.best_fitness
@@ -451,8 +462,9 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch
         common = dict(model=self.model, ema=self.ema.ema, optimizer=self.optimizer, epoch=epoch,
                       best_fitness=self.best_fitness, updates=self.ema.updates, config=to_plain(cfg),
-                      extra={**self.ckpt_extra, "run_id": self.run_id})
-        self.saved = [save_checkpoint(self.last, **common)]
+                      extra={**self.ckpt_extra, "run_id": self.run_id, "last_step": self.stepper.last_step})
+        pause = self.pausing and epoch + 1 == self.end_epoch_index  # resumed exactly: float32, no rounding
+        self.saved = [save_checkpoint(self.last, **common, full_precision=pause)]
         if self.best_fitness == fi:
             self.saved.append(save_checkpoint(self.best, **common))
         if cfg.save_period > 0 and epoch % cfg.save_period == 0:

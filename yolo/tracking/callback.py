@@ -47,7 +47,9 @@ class MlflowCallback:
         trainer.results.mlflow_run_id = run_id
         trainer.ckpt_extra["mlflow_run_id"] = run_id  # a resume continues this run
         p = trainer.precision
-        self._call("log_params", {"amp_chosen": p.mode, "amp_reason": p.reason})
+        # the epochs this run trains of its schedule (a resumed or paused leg, e.g. an asha rung: what budget it got)
+        self._call("log_params", {"amp_chosen": p.mode, "amp_reason": p.reason, "epochs_from": trainer.start_epoch,
+                                  "epochs_to": trainer.end_epoch_index})
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         self._call("log_metrics", trainer.metrics, step=trainer.epoch)
