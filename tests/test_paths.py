@@ -198,7 +198,7 @@ def test_paths_work_from_another_directory(tmp_path):
 
 # ---- console commands and --help ----------------------------------------------------------------------------------
 SCRIPTS = {"yolo-evolve": "evolve.run_evolve:main", "yolo-train": "yolo.run_train:main",
-           "yolo-val": "yolo.val:main"}
+           "yolo-val": "yolo.val:main", "yolo-export": "yolo.export:main", "yolo-predict": "yolo.predict:main"}
 
 
 def test_console_commands_are_declared():
@@ -227,6 +227,18 @@ def test_console_command_help_is_short(script, settings, monkeypatch, capsys):
     for key in settings:
         assert any(ln.strip().startswith(key) for ln in lines), key
     assert any(v in text for v in ("(7)", "(7,", "(320)"))  # the values this command would use
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_installed_console_commands_run(script, tmp_path):
+    """The scripts ``pip install`` wrote for this environment (beside its python) start and print their help page
+    from any directory."""
+    exe = Path(sys.executable).parent / script
+    if not exe.is_file():
+        pytest.skip(f"{script} not installed in this environment (pip install -e . writes it)")
+    out = subprocess.run([str(exe), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith(script), out.stdout + out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv", [["run_train.py"], ["run_evolve.py"], ["-m", "yolo.val"]])
