@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from yolo.data.augment import letterbox  # noqa: E402
 from yolo.data.dataset import rect_batch_shapes  # noqa: E402
 from yolo.data.labels import list_image_files, read_label_file, scan_dataset  # noqa: E402
@@ -163,11 +164,35 @@ def val_preprocessing_figures(imgsz: int, batch: int = 32) -> tuple[float, ...]:
     return score(preds)
 
 
+def upstream_detect_figures(imgsz: int, workdir: Path) -> tuple[float, ...]:
+    """Upstream's own ``detect.py`` (PyPI yolov5 7.0.14, its venv: ``benchmarks/upstream.py``) with the same
+    settings, its ``labels/*.txt`` scored the same way: the gap between detect.py and val.py is upstream's too."""
+    from upstream import run_upstream
+
+    out = workdir / "upstream"
+    code = (f"from yolov5 import detect\n"
+            f"detect.run(weights={str(WEIGHTS)!r}, source={str(IMAGES)!r}, imgsz=({imgsz}, {imgsz}), "
+            f"conf_thres=0.001, iou_thres=0.6, max_det=300, device='cpu', save_txt=True, save_conf=True, "
+            f"nosave=True, project={str(out)!r}, name='exp', exist_ok=True)\n")
+    p = run_upstream(code, workdir)
+    if p.returncode:
+        raise SystemExit(f"upstream detect.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    preds = {}
+    for img in sorted(Path(IMAGES).glob("*.jpg")):
+        h, w = cv2.imread(str(img)).shape[:2]
+        f = out / "exp" / "labels" / f"{img.stem}.txt"
+        rows = np.loadtxt(f, ndmin=2) if f.is_file() else np.zeros((0, 6))
+        det = np.concatenate((xywhn_to_xyxy(rows[:, 1:5], w, h), rows[:, 5:6], rows[:, :1]), 1)
+        preds[str(img)] = (det[np.argsort(-det[:, 4], kind="stable")], w, h)
+    return score(preds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--no-val", action="store_true", help="print val's recorded figures instead of running it")
     ap.add_argument("--no-multi-label", action="store_true", help="skip the multi-label API rows")
+    ap.add_argument("--upstream", action="store_true", help="also upstream's detect.py, scored the same way")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +201,8 @@ def main() -> None:
         if not args.no_multi_label:
             rows.append(("predict API, multi-label NMS", multi_label_figures(args.imgsz)))
             rows.append(("API, multi-label, val's letterbox", val_preprocessing_figures(args.imgsz)))
+        if args.upstream:
+            rows.append(("upstream detect.py (labels/*.txt)", upstream_detect_figures(args.imgsz, Path(tmp))))
         if args.no_val:
             val = VAL_640
         else:
