@@ -35,6 +35,10 @@ EXTRA_COLUMNS = (EPOCHS_ATTR,)  # evolve.csv columns after upstream's under asha
 RESUME_NAME = "promoted_from.pt"  # the parent's checkpoint, copied into the promotion's folder
 
 
+class PromotionError(RuntimeError):
+    """A promotion cannot start: its parent's checkpoint is gone."""
+
+
 @dataclass(frozen=True)
 class Rungs:
     """The epochs at the end of each rung: ``min_epochs * eta**k`` below ``epochs``, then ``epochs``."""
@@ -141,9 +145,9 @@ def prepare_resume(study: optuna.Study, trial: FrozenTrial, save_dir: Path) -> P
     if parent is None:
         return None
     src = next((checkpoint_of(t) for t in study.get_trials(deepcopy=False) if t.number == parent), None)
-    if src is None:
-        raise FileNotFoundError(f"evolve: the checkpoint of trial {parent}, which trial {trial.number} continues, "
-                                f"is gone (evolve.keep_weights=false removes the weights of finished evolutions)")
+    if src is None:  # this generation fails (not the evolution: other candidates can go on)
+        raise PromotionError(f"evolve: the checkpoint of trial {parent}, which trial {trial.number} continues, is "
+                             f"gone (evolve.keep_weights=false removes the weights of finished evolutions)")
     save_dir.mkdir(parents=True, exist_ok=True)
     dst = save_dir / RESUME_NAME
     shutil.copyfile(src, dst)
