@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from evolve.space import HYP_KEYS
+from evolve import mutation
 from evolve.settings import Setup
+from evolve.space import HYP_KEYS
+from evolve.trial import finite
 from yolo.utils.files import atomic_write_text
 
 log = logging.getLogger("yolo.evolve")
@@ -64,11 +66,10 @@ def _train_one(setup: Setup, label: str, hyp: Mapping[str, Any], epochs: int, tr
     t0 = time.time()
     log.info(f"evolve: final check: training the {label} hyps for {epochs} epochs in {save_dir}")
     res = train_fn(cfg, callbacks=[], save_dir=str(save_dir))
-    from evolve.trial import finite  # deferred: trial imports the training machinery
-
-    p, r, m50, m = (finite(getattr(res, a, 0.0)) for a in ("precision", "recall", "map50", "map"))
-    return FinalRun(label, 0.1 * m50 + 0.9 * m, p, r, m50, m, int(epochs), round(time.time() - t0, 1),
-                    str(save_dir), getattr(res, "mlflow_run_id", None))
+    metrics = [finite(getattr(res, a, 0.0)) for a in ("precision", "recall", "map50", "map")]
+    p, r, m50, m = metrics
+    return FinalRun(label, float(mutation.fitness(metrics)[0]), p, r, m50, m, int(epochs),
+                    round(time.time() - t0, 1), str(save_dir), getattr(res, "mlflow_run_id", None))
 
 
 def final_train(setup: Setup, best_hyp: Mapping[str, Any], train_fn: Callable,

@@ -86,10 +86,11 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
     res, pruned = None, False
     try:
         if setup.rungs is not None:
-            rung = fidelity.rung_of(oi.frozen(study, trial))
+            stored = oi.frozen(study, trial)
+            rung = fidelity.rung_of(stored)
             cfg.stop_epoch = setup.rungs.stop_epoch(rung)
             keep_last = cfg.stop_epoch is not None  # a lower rung's checkpoint waits for its promotion
-            start = fidelity.prepare_resume(study, oi.frozen(study, trial), save_dir)
+            start = fidelity.prepare_resume(study, stored, save_dir)
             if start is not None:
                 cfg.resume = str(start)
         with Heartbeat(study, trial, setup.beats):

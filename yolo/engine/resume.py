@@ -193,6 +193,14 @@ def plan(cfg: DictConfig, given: Iterable[str] | None = None) -> ResumePlan | No
                       mlflow_run_id=mlflow_id if folder else None)
 
 
+def last_step(stored: Any, done: int) -> int:
+    """The global batch index of the last optimizer step a checkpoint recorded, if sound (an int before the
+    ``done`` batches it trained); else -1, upstream's start (the first batch then steps)."""
+    if isinstance(stored, int) and not isinstance(stored, bool) and -1 <= stored < done:
+        return stored
+    return -1
+
+
 def check_data_matches(p: ResumePlan, nc: int, names: list[str]) -> None:
     """The resuming command's dataset must be the run's (same classes): a checkpoint never chooses data paths."""
     then_names = [str(n) for n in (p.ckpt.names or [])]

@@ -141,14 +141,6 @@ def epoch_row(mloss: torch.Tensor, val_res, lr: list[float]) -> dict[str, float]
     return results_csv.columns_for(vals + list(lr))
 
 
-def resumed_last_step(stored: Any, done: int) -> int:
-    """The global batch index of the last optimizer step a checkpoint recorded, if sound (an int before the
-    ``done`` batches it trained); else -1, upstream's start (the first batch then steps)."""
-    if isinstance(stored, int) and not isinstance(stored, bool) and -1 <= stored < done:
-        return stored
-    return -1
-
-
 class Trainer:
     """One training run. Read by callbacks (see :mod:`yolo.engine.callbacks` for what each event carries)."""
 
@@ -349,7 +341,7 @@ class Trainer:
         self.stepper = Stepper(self.model, self.optimizer, self.scaler, self.ema, self.info.world_size,
                                accumulate_steps(self.batch_size))
         if self.resume_plan is not None:  # the accumulation phase goes on where it was (not in upstream's resume)
-            self.stepper.last_step = resumed_last_step(self.resume_plan.ckpt.extra.get("last_step"),
+            self.stepper.last_step = resume.last_step(self.resume_plan.ckpt.extra.get("last_step"),
                                                        self.start_epoch * len(self.train_loader))
         self.nw = warmup_iterations(cfg.hyp.warmup_epochs, len(self.train_loader))
         self.stopper = EarlyStopping(cfg.patience)
