@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from evolve.samplers import HYP_ATTR
 from yolo.errors import ConfigError
 
 FIDELITIES = ("full", "asha")
@@ -32,6 +33,7 @@ RUNG_ATTR = "asha:rung"  # system attr of a promotion: the rung it trains to (0:
 PARENT_ATTR = "asha:parent"  # system attr of a promotion: the trial number whose checkpoint it continues
 EPOCHS_ATTR = "epochs"  # user attr of every finished generation: epochs of the schedule trained by its end
 EXTRA_COLUMNS = (EPOCHS_ATTR,)  # evolve.csv columns after upstream's under asha
+SAVE_DIR_ATTR = "save_dir"  # user attr of a generation trained here: its run folder
 RESUME_NAME = "promoted_from.pt"  # the parent's checkpoint, copied into the promotion's folder
 
 
@@ -103,10 +105,16 @@ def parent_of(t: FrozenTrial) -> int | None:
     return int(p) if isinstance(p, int) and not isinstance(p, bool) else None
 
 
+def folder_of(t: FrozenTrial) -> Path | None:
+    """The run folder of a generation trained by this evolution (None for a warm start's row)."""
+    d = t.user_attrs.get(SAVE_DIR_ATTR)
+    return Path(d) if isinstance(d, str) and d else None
+
+
 def checkpoint_of(t: FrozenTrial) -> Path | None:
     """The resumable last.pt a finished lower-rung generation left (None when gone)."""
-    d = t.user_attrs.get("save_dir")
-    p = Path(d) / "weights" / "last.pt" if isinstance(d, str) and d else None
+    d = folder_of(t)
+    p = d / "weights" / "last.pt" if d is not None else None
     return p if p is not None and p.is_file() else None
 
 
@@ -114,7 +122,7 @@ def candidates(trials: Sequence[FrozenTrial]) -> list[Candidate]:
     promoted = {p for t in trials if (p := parent_of(t)) is not None}
     return [Candidate(t.number, rung_of(t), float(t.value), t.number in promoted, checkpoint_of(t) is not None)
             for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and isinstance(t.user_attrs.get("save_dir"), str)]  # trained here (not a warm start's row)
+            and folder_of(t) is not None]  # trained here (not a warm start's row)
 
 
 def enqueue_promotion(study: optuna.Study, parent: FrozenTrial) -> None:
@@ -122,7 +130,7 @@ def enqueue_promotion(study: optuna.Study, parent: FrozenTrial) -> None:
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, system_attrs={
             "fixed_params": dict(parent.params), RUNG_ATTR: rung_of(parent) + 1, PARENT_ATTR: parent.number,
-            **{k: v for k, v in parent.system_attrs.items() if k == "evolve:hyp"}}))
+            **{k: v for k, v in parent.system_attrs.items() if k == HYP_ATTR}}))
 
 
 def maybe_promote(study: optuna.Study, rungs: Rungs) -> int | None:
@@ -160,16 +168,16 @@ def release_parent(study: optuna.Study, trial: FrozenTrial) -> None:
     if parent is None:
         return
     for t in study.get_trials(deepcopy=False):
-        if t.number == parent and isinstance(t.user_attrs.get("save_dir"), str):
-            shutil.rmtree(Path(t.user_attrs["save_dir"]) / "weights", ignore_errors=True)
+        if t.number == parent and folder_of(t) is not None:
+            shutil.rmtree(folder_of(t) / "weights", ignore_errors=True)
 
 
 def release_unpromoted(study: optuna.Study) -> None:
     """At the end of an evolution: the checkpoints left by lower rungs (a longer evolution can no longer
     promote those generations; they stay in the ledger)."""
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE and isinstance(t.user_attrs.get("save_dir"), str):
-            shutil.rmtree(Path(t.user_attrs["save_dir"]) / "weights", ignore_errors=True)
+        if t.state == TrialState.COMPLETE and folder_of(t) is not None:
+            shutil.rmtree(folder_of(t) / "weights", ignore_errors=True)
 
 
 class FirstRungView:

@@ -80,7 +80,7 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
     save_dir = setup.out_dir / "generations" / f"trial{trial.number:04d}"
     callbacks = [PruningCallback(trial)] if setup.pruning else []
     oi.set_user_attr(study, trial, samplers.FULL_HYP_ATTR, hyp)
-    oi.set_user_attr(study, trial, "save_dir", str(save_dir))
+    oi.set_user_attr(study, trial, fidelity.SAVE_DIR_ATTR, str(save_dir))
     rung, keep_last = 0, False
     t0 = time.time()
     res, pruned = None, False
@@ -127,7 +127,7 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
         metrics = [0.0] * 7
     fit = float(mutation.fitness(metrics[:4])[0])
     attrs = {samplers.METRICS_ATTR: metrics, "fitness": fit,
-             "train_s": round(time.time() - t0, 3), "worker": setup.worker, "save_dir": str(save_dir)}
+             "train_s": round(time.time() - t0, 3), "worker": setup.worker}
     if res is not None:
         attrs["epochs_completed"] = int(getattr(res, "epochs_completed", 0) or 0)
         attrs[fidelity.EPOCHS_ATTR] = attrs["epochs_completed"]
