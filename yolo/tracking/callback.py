@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from yolo.engine import results_csv
 from yolo.tracking.training import start_training_run
 from yolo.utils.redact import redact_text
 
@@ -46,10 +47,24 @@ class MlflowCallback:
         run_id = getattr(self.tracker, "run_id", None) if self.tracker is not None else None
         trainer.results.mlflow_run_id = run_id
         trainer.ckpt_extra["mlflow_run_id"] = run_id  # a resume continues this run
+        if plan is not None:
+            self._backfill(trainer)
         p = trainer.precision
         # the epochs this run trains of its schedule (a resumed or paused leg, e.g. an asha rung: what budget it got)
         self._call("log_params", {"amp_chosen": p.mode, "amp_reason": p.reason, "epochs_from": trainer.start_epoch,
                                   "epochs_to": trainer.end_epoch_index})
+
+    def _backfill(self, trainer: Any) -> None:
+        """A resumed run: the epochs in results.csv that never reached MLflow (killed between the checkpoint and
+        the epoch's metrics) are logged now, at their own steps."""
+        run_id = getattr(self.tracker, "run_id", None)
+        if run_id is None or not Path(trainer.csv_path).is_file():
+            return
+        logged = self._call("metric_steps", "metrics/mAP_0.5") or set()
+        for row in results_csv.read(trainer.csv_path):
+            epoch = int(row.get("epoch", -1))
+            if 0 <= epoch < trainer.start_epoch and epoch not in logged:
+                self._call("log_metrics", {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         self._call("log_metrics", trainer.metrics, step=trainer.epoch)

@@ -343,6 +343,10 @@ class Tracker:
             existing = dict(self._client.get_run(self._run_id).data.params)
             self._log_params(self._run_id, params, existing)
 
+    def metric_steps(self, key: str) -> set[int]:
+        """The steps at which this run has logged ``key``."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log one point per metric at ``step``. Names are passed through :func:`sanitize_name`
         (``train/box_loss``, ``metrics/mAP_0.5:0.95`` stay as they are); values go through ``float()`` (tensors,
