@@ -183,6 +183,10 @@ class Trainer:
         stop = self.cfg.get("stop_epoch")
         return min(int(stop), self.cfg.epochs) if stop else self.cfg.epochs
 
+    def recorded_epochs(self) -> list[dict[str, float]]:
+        """The rows of this run's results.csv (a resumed run: its earlier epochs)."""
+        return results_csv.read(self.csv_path) if self.csv_path.is_file() else []
+
     @property
     def pausing(self) -> bool:
         return self.end_epoch_index < self.cfg.epochs

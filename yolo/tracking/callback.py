@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from yolo.engine import results_csv
 from yolo.tracking.training import start_training_run
 from yolo.utils.redact import redact_text
 
@@ -58,10 +57,10 @@ class MlflowCallback:
         """A resumed run: the epochs in results.csv that never reached MLflow (killed between the checkpoint and
         the epoch's metrics) are logged now, at their own steps."""
         run_id = getattr(self.tracker, "run_id", None)
-        if run_id is None or not Path(trainer.csv_path).is_file():
+        if run_id is None:
             return
         logged = self._call("metric_steps", "metrics/mAP_0.5") or set()
-        for row in results_csv.read(trainer.csv_path):
+        for row in trainer.recorded_epochs():
             epoch = int(row.get("epoch", -1))
             if 0 <= epoch < trainer.start_epoch and epoch not in logged:
                 self._call("log_metrics", {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
