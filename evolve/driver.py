@@ -73,7 +73,7 @@ def _final_check(setup: Setup, study: optuna.Study, train_fn: Callable | str | N
     return check
 
 
-def _initialize(setup: Setup) -> optuna.Study:
+def initialize(setup: Setup) -> optuna.Study:
     """Create or load the study, queue generation 1 (or seed from a CSV) when new, fail dead workers' trials."""
     with setup.lock:
         study = setup.open_study()
@@ -119,19 +119,33 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
     """
     setup = Setup(cfg, announce=True)
     train_fn = train_fn if train_fn is not None else setup.settings.train_fn
-    setup.out_dir.mkdir(parents=True, exist_ok=True)
-    study = _initialize(setup)
-    parent = ParentRun(setup, study)
-    progress = Progress(setup, parent, study)
-    status, check = "FINISHED", None
-    try:
+
+    def search(study: optuna.Study, progress: Progress, parent: ParentRun) -> FinalCheck | None:
         if int(setup.settings.workers) > 1:
             run_processes(setup, study, train_fn, progress.update)
         else:
             worker_loop(setup, resolve_train_fn(train_fn), study=study, on_trial_done=progress.update)
         if setup.settings.final_train:
             progress.update(study)
-            check = _final_check(setup, study, train_fn, parent)
+            return _final_check(setup, study, train_fn, parent)
+        return None
+
+    return run_search(setup, search, lambda results: command_overrides())
+
+
+def run_search(setup: Setup, search: Callable[[optuna.Study, Progress, ParentRun], FinalCheck | None],
+               overrides: Callable[[EvolveResults], list[str]]) -> EvolveResults:
+    """The life of an evolution around ``search`` (which trains generations until the budget is met): the study
+    opened or created, the MLflow parent and the progress bar, then, however the search ends, the files written,
+    waiting checkpoints released and the parent finished; the results and a training command for the best hyps
+    with ``overrides(results)`` (the command line's, or a sweep's)."""
+    setup.out_dir.mkdir(parents=True, exist_ok=True)
+    study = initialize(setup)
+    parent = ParentRun(setup, study)
+    progress = Progress(setup, parent, study)
+    status, check = "FINISHED", None
+    try:
+        check = search(study, progress, parent)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -155,7 +169,7 @@ def evolve(cfg: Any, train_fn: Callable | str | None = None) -> EvolveResults:
                  f"{results.pruned} pruned, {results.failed} failed); best fitness {results.best_fitness:.5g} in "
                  f"generation {results.best_generation} (trial {results.best_trial})\n"
                  f"evolve: results in {setup.out_dir}\nevolve: train with the best hyps: "
-                 f"{train_command(results.hyp_yaml, setup.cfg, command_overrides())}")
+                 f"{train_command(results.hyp_yaml, setup.cfg, overrides(results))}")
     return results
 
 

@@ -42,7 +42,8 @@ class ParentRun:
         params = flatten_dict({
             "evolve": {k: v for k, v in OmegaConf.to_container(setup.settings, resolve=True).items()
                        if k not in ("space", "out_dir", "storage", "devices", "sampler_kwargs")},
-            "space": {k: ",".join(f"{x:g}" for x in row) for k, row in setup.space.as_table().items()},
+            "space": {**{k: ",".join(f"{x:g}" for x in row) for k, row in setup.space.as_table().items()},
+                      **{k: str(d) for k, d in setup.space.extra.items()}},
             "base": setup.base,
             "train": {**{k: setup.train_container.get(k) for k in ("weights", "epochs", "imgsz", "batch_size", "seed",
                                                                    "optimizer")}, "data": data_name(setup)},

@@ -101,10 +101,26 @@ class MutationSampler(BaseSampler):
         values, fit = trial_history(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), keys, self.base)
         if len(fit) == 0:  # parallel workers while generation 1 (the base, queued first) still runs: mutate it
             values, fit = np.array([[float(self.base[k]) for k in keys]]), np.zeros(1)
-        child = mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit,
-                                 trial_rng(self.seed, number), method=self.parent, top=self.top,
-                                 mutation_prob=self.mutation_prob, sigma=self.sigma)
-        return {**self.base, **child}
+        rng = trial_rng(self.seed, number)
+        child = mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit, rng,
+                                 method=self.parent, top=self.top, mutation_prob=self.mutation_prob, sigma=self.sigma)
+        return {**self.base, **child, **self._propose_extra(study, rng)}
+
+    def _propose_extra(self, study: optuna.Study, rng: np.random.Generator) -> dict[str, Any]:
+        """The settings upstream's mutation has no gene for (a choice, an integer; Hydra sweeps): the best
+        finished generation's value (the base's before any), each drawn anew with upstream's mutation
+        probability. Drawn after the hyps, so a space without them keeps upstream's random stream."""
+        if not self.space.extra:
+            return {}
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        best = max(done, key=lambda t: (t.value if t.value is not None else -np.inf, -t.number), default=None)
+        out: dict[str, Any] = {}
+        for name, dist in self.space.extra.items():
+            value = best.params.get(name) if best is not None else self.base.get(name)
+            if not holds(dist, value) or rng.random() < self.mutation_prob:
+                value = draw(dist, rng)
+            out[name] = value
+        return out
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -179,6 +195,8 @@ def cmaes_sampler(space: SearchSpace, center: Mapping[str, Any], seed: int | Non
         raise ImportError("evolve.strategy=cmaes needs the 'cmaes' package: pip install cmaes")
     kw.setdefault("x0", {k: min(max(float(center[k]), space.bounds[k].lower), space.bounds[k].upper)
                          for k in space.tuned_keys})
+    if space.extra:  # CMA-ES draws a choice at random (said once when the evolution starts, not per trial)
+        kw.setdefault("warn_independent_sampling", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # x0 is deprecated in Optuna 4.9, removed in 6.0
         return optuna.samplers.CmaEsSampler(seed=seed, **kw)
@@ -251,10 +269,45 @@ class AutoSampler(BaseSampler):
         self._gp.reseed_rng()
 
 
+def holds(dist: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is one of ``dist``'s (None never is)."""
+    if value is None:
+        return False
+    try:
+        return bool(dist._contains(dist.to_internal_repr(value)))
+    except (ValueError, TypeError):
+        return False
+
+
+def draw(dist: BaseDistribution, rng: np.random.Generator) -> Any:
+    """A value of ``dist`` drawn uniformly (on the log scale where it says so) with ``rng``."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices[int(rng.integers(len(dist.choices)))]
+    if isinstance(dist, IntDistribution):
+        if dist.log:
+            return int(min(dist.high, max(dist.low, round(float(np.exp(rng.uniform(np.log(dist.low),
+                                                                                np.log(dist.high))))))))
+        return int(dist.low + dist.step * int(rng.integers((dist.high - dist.low) // dist.step + 1)))
+    if isinstance(dist, FloatDistribution):
+        if dist.step is not None:
+            n = int(round((dist.high - dist.low) / dist.step))
+            return float(dist.low + dist.step * int(rng.integers(n + 1)))
+        if dist.log:
+            return float(np.exp(rng.uniform(np.log(dist.low), np.log(dist.high))))
+        return float(rng.uniform(dist.low, dist.high))
+    raise TypeError(f"no draw for {dist!r}")
+
+
 def enqueue_base(study: optuna.Study, space: SearchSpace, base: Mapping[str, Any]) -> None:
-    """Queue the base hyps as the study's first trial (generation 1 trains them unchanged)."""
-    study.enqueue_trial({k: float(base[k]) for k in space.tuned_keys}, user_attrs={BASE_ATTR: True},
-                        skip_if_exists=True)
+    """Queue the base hyps as the study's first trial (generation 1 trains them unchanged); a setting outside
+    the hyps (``space.extra``) takes its base value when ``base`` has one its distribution holds."""
+    params: dict[str, Any] = {k: float(base[k]) for k in space.tuned_keys}
+    for name, dist in space.extra.items():
+        if holds(dist, base.get(name)):
+            params[name] = base[name]
+    study.enqueue_trial(params, user_attrs={BASE_ATTR: True}, skip_if_exists=True)
 
 
 def trial_hyp(trial: FrozenTrial, base: Mapping[str, Any]) -> dict[str, Any]:

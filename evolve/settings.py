@@ -17,7 +17,7 @@ from evolve.beats import JournalBeats
 from evolve.config import EvolveConfig
 from evolve.locations import describe_storage
 from evolve.locks import evolution_lock
-from evolve.space import HYP_KEYS, build_space, csv_columns
+from evolve.space import HYP_KEYS, SearchSpace, build_space, csv_columns
 from evolve.storages import open_storage
 from yolo.config import MlflowConfig, TrainConfig
 from yolo.train import train
@@ -36,7 +36,10 @@ PRUNERS = ("none", "median", "hyperband")
 class Setup:
     """Everything a process needs, derived once from the config."""
 
-    def __init__(self, cfg: Any, worker: int = 0, announce: bool = False):
+    def __init__(self, cfg: Any, worker: int = 0, announce: bool = False,
+                 space: tuple[SearchSpace, dict[str, Any]] | None = None):
+        """``space``: (search space, base values) chosen by the caller (a Hydra sweep's own parameters) instead
+        of ``evolve.space``'s table."""
         if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is not EvolveConfig:
             cfg = OmegaConf.merge(OmegaConf.structured(EvolveConfig), cfg)
         self.cfg = cfg
@@ -62,10 +65,10 @@ class Setup:
             raise ConfigError(f"generations, evolve.workers: must be >= 0 and >= 1, got {cfg.generations}, {ev.workers}")
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else None
         hyp = OmegaConf.to_container(cfg.hyp, resolve=True)
-        self.space, self.base = build_space(
+        self.space, self.base = space or build_space(
             OmegaConf.to_container(ev.space, resolve=True) if ev.space else {}, hyp, weights=cfg.weights,
             noautoanchor=cfg.noautoanchor, search_anchors=ev.search_anchors, model_cfg=model_cfg)
-        if not self.space.bounds:
+        if not self.space.bounds and not self.space.extra:
             raise ConfigError("evolve.space is empty: nothing to search (is conf/evolve_space/default.yaml composed?)")
         self.columns = csv_columns(self.base)
         self.storage_kind, self.storage_where = describe_storage(ev.storage, self.out_dir)
@@ -93,7 +96,12 @@ class Setup:
             log.info(f"evolve: fidelity asha: rungs of {', '.join(map(str, self.rungs.budgets))} epochs, the top "
                      f"1/{self.rungs.eta} of each promoted (every rung is one generation)")
         log.info(f"evolve: searching {len(sp.keys)} hyperparameters ({len(sp.tuned_keys)} with gain > 0)"
+                 + (f" and {', '.join(sp.extra)}" if sp.extra else "")
                  + (f"; not searched: {', '.join(sp.excluded)}" if sp.excluded else ""))
+        cats = [k for k, d in sp.extra.items() if isinstance(d, optuna.distributions.CategoricalDistribution)]
+        if cats and self.strategy == "cmaes":
+            log.info(f"evolve: {self.strategy} models numbers only: {', '.join(cats)} drawn at random (strategy "
+                     f"tpe or auto models choices)")
         log.info(f"evolve: results in {self.out_dir}, storage {where}, study '{self.study_name}'")
 
     # ---- study -------------------------------------------------------------------------------------------------
@@ -110,12 +118,8 @@ class Setup:
         return fidelity.FirstRungSampler(inner) if self.rungs is not None else inner
 
     def pruner(self) -> optuna.pruners.BasePruner:
-        if self.pruner_name == "median":
-            return optuna.pruners.MedianPruner(n_startup_trials=self.settings.pruner_startup,
-                                               n_warmup_steps=self.settings.pruner_warmup_epochs)
-        if self.pruner_name == "hyperband":
-            return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, int(self.cfg.epochs)))
-        return optuna.pruners.NopPruner()
+        return make_pruner(self.pruner_name, self.settings.pruner_startup, self.settings.pruner_warmup_epochs,
+                           self.cfg.epochs)
 
     def open_study(self) -> optuna.Study:
         return optuna.create_study(study_name=self.study_name, storage=self.storage(), sampler=self.sampler(),
@@ -125,7 +129,7 @@ class Setup:
         return {"strategy": self.strategy, "fidelity": self.fidelity,
                 "rungs": list(self.rungs.budgets) if self.rungs else None,
                 "seed": int(self.settings.seed), "parent": str(self.settings.parent),
-                "space": self.space.as_table(), "base": self.base, "columns": self.columns}
+                "space": self.space.describe(), "base": self.base, "columns": self.columns}
 
     # ---- a generation's training config ------------------------------------------------------------------------
     def train_cfg(self, hyp: Mapping[str, Any], number: int, parent_run_id: str | None) -> DictConfig:
@@ -142,6 +146,15 @@ class Setup:
         c.mlflow.parent_run_id = parent_run_id
         c.mlflow.run_name = generation_run_name(self.cfg.name, number)
         return OmegaConf.merge(OmegaConf.structured(TrainConfig), c)
+
+
+def make_pruner(name: str, startup: int, warmup_epochs: int, epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner ``evolve.pruner`` names (``none``: Optuna's NopPruner)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(startup), n_warmup_steps=int(warmup_epochs))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, int(epochs)))
+    return optuna.pruners.NopPruner()
 
 
 def tracking_location(cfg: DictConfig) -> tuple[str | None, Path]:

@@ -32,11 +32,13 @@ DEFAULT_ANCHORS = 3.0  # anchors per level that upstream assumes when the hyps d
 
 @dataclass(frozen=True)
 class Bound:
-    """One row of the table: mutation gain and the [lower, upper] limits."""
+    """One row of the table: mutation gain and the [lower, upper] limits (``log``: sampled on a log scale, as
+    Hydra's ``tag(log, interval(...))`` asks; the mutation search is multiplicative either way)."""
 
     gain: float
     lower: float
     upper: float
+    log: bool = False
 
 
 @dataclass
@@ -45,6 +47,9 @@ class SearchSpace:
 
     bounds: dict[str, Bound]
     excluded: dict[str, str] = field(default_factory=dict)
+    # other searched settings (Hydra sweeps: a config group, an integer, a choice), by parameter name, as
+    # Optuna distributions; they are no evolve.csv column and upstream's mutation has no gene for them
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -66,13 +71,23 @@ class SearchSpace:
         return {k: (b.lower, b.upper) for k, b in self.bounds.items()}
 
     def distributions(self) -> dict[str, Any]:
-        """Optuna distributions of the tuned keys (uniform on [lower, upper])."""
+        """Optuna distributions of the tuned keys (uniform on [lower, upper], or its log), then the others."""
         from optuna.distributions import FloatDistribution
 
-        return {k: FloatDistribution(self.bounds[k].lower, self.bounds[k].upper) for k in self.tuned_keys}
+        tuned = {k: FloatDistribution(self.bounds[k].lower, self.bounds[k].upper, log=self.bounds[k].log)
+                 for k in self.tuned_keys}
+        return {**tuned, **self.extra}
 
     def as_table(self) -> dict[str, list[float]]:
         return {k: [b.gain, b.lower, b.upper] for k, b in self.bounds.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """The space as JSON-able data (a study remembers what it was created with)."""
+        from optuna.distributions import distribution_to_json
+
+        rows: dict[str, Any] = {k: [b.gain, b.lower, b.upper, *(["log"] if b.log else [])]
+                                for k, b in self.bounds.items()}
+        return {**rows, **{k: distribution_to_json(d) for k, d in self.extra.items()}}
 
 
 def parse_table(table: Mapping[str, Any], known: Sequence[str] = HYP_KEYS) -> dict[str, Bound]:

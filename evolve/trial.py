@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -17,7 +18,7 @@ from evolve import fidelity, mutation, recovery, samplers
 from evolve import optuna_internals as oi
 from evolve.beats import Heartbeat
 from evolve.settings import Setup
-from evolve.space import HYP_KEYS
+from evolve.space import HYP_KEYS, SearchSpace
 from yolo.engine.callbacks import StopTraining
 
 log = logging.getLogger("yolo.evolve")
@@ -68,12 +69,25 @@ def fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
         log.warning(f"WARNING: evolve: could not mark trial {trial.number} failed: {e}")
 
 
+def suggest(trial: optuna.Trial, space: SearchSpace) -> None:
+    """Ask the trial for every searched value (a queued or sampled trial has them already)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for name, d in space.distributions().items():
+        if isinstance(d, FloatDistribution):
+            trial.suggest_float(name, d.low, d.high, log=d.log, step=d.step)
+        elif isinstance(d, IntDistribution):
+            trial.suggest_int(name, d.low, d.high, log=d.log, step=d.step)
+        elif isinstance(d, CategoricalDistribution):
+            trial.suggest_categorical(name, d.choices)
+        else:
+            raise TypeError(f"evolve: no way to suggest {name!r} from {d!r}")
+
+
 def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: Callable,
               parent_run_id: str | None) -> str:
     """Train one generation and record it; returns 'complete', 'pruned' or 'failed'."""
-    for k in setup.space.tuned_keys:
-        b = setup.space.bounds[k]
-        trial.suggest_float(k, b.lower, b.upper)
+    suggest(trial, setup.space)
     frozen = oi.frozen(study, trial)
     hyp = {k: v for k, v in samplers.trial_hyp(frozen, setup.base).items() if k in HYP_KEYS}
     cfg = setup.train_cfg(hyp, trial.number, parent_run_id)
@@ -114,11 +128,25 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
         return "failed"
     finally:
         (save_dir / fidelity.RESUME_NAME).unlink(missing_ok=True)
-        if keep_last and res is not None and not pruned:
-            (save_dir / "weights" / "best.pt").unlink(missing_ok=True)
-        elif not setup.settings.keep_weights:
-            shutil.rmtree(save_dir / "weights", ignore_errors=True)
+        tidy_weights(save_dir, keep_last=keep_last and res is not None and not pruned,
+                     keep_all=bool(setup.settings.keep_weights))
+    return record(setup, study, trial, res, pruned, rung, t0)
 
+
+def tidy_weights(save_dir: Path, keep_last: bool, keep_all: bool) -> None:
+    """After a generation: ``last.pt`` alone stays when a promotion may continue it, every checkpoint with
+    ``evolve.keep_weights``, none otherwise."""
+    if keep_last:
+        (save_dir / "weights" / "best.pt").unlink(missing_ok=True)
+    elif not keep_all:
+        shutil.rmtree(save_dir / "weights", ignore_errors=True)
+
+
+def record(setup: Setup, study: optuna.Study, trial: optuna.Trial, res: Any, pruned: bool, rung: int,
+           t0: float, value: float | None = None) -> str:
+    """Record a trained generation's metrics (``res``: a ``TrainResults``-like object, None when it gave none)
+    and tell the study its fitness (``value`` when given: a Hydra job's return value); returns 'complete',
+    'pruned' or 'failed'."""
     if res is not None:
         losses = list(getattr(res, "val_losses", (0.0, 0.0, 0.0)) or (0.0, 0.0, 0.0))[:3]
         metrics = [finite(getattr(res, a, 0.0)) for a in ("precision", "recall", "map50", "map")]
@@ -142,6 +170,7 @@ def run_trial(setup: Setup, study: optuna.Study, trial: optuna.Trial, train_fn: 
             study.tell(trial, state=TrialState.PRUNED)
             log.info(f"evolve: trial {trial.number} pruned (fitness so far {fit:.5g})")
             return "pruned"
+        fit = fit if value is None else float(value)
         study.tell(trial, fit)
         if setup.rungs is not None and not setup.settings.keep_weights:
             fidelity.release_parent(study, oi.frozen(study, trial))

@@ -82,14 +82,17 @@ def export(setup: Setup, study: optuna.Study, plot: bool) -> dict[str, Path]:
 
 
 def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = None,
-                on_trial_done: Callable[[optuna.Study], None] | None = None) -> int:
-    """Evaluate generations until the study has ``generations`` finished ones; returns how many this ran."""
+                on_trial_done: Callable[[optuna.Study], None] | None = None, run: Callable = run_trial,
+                stop: threading.Event | None = None) -> int:
+    """Evaluate generations until the study has ``generations`` finished ones (or ``stop`` is set); returns how
+    many this ran. ``run(setup, study, trial, train_fn, parent_run_id)`` trains one (a Hydra sweep launches it
+    as a job instead) and returns 'complete', 'pruned' or 'failed'."""
     study = study or setup.open_study()
     parent_run_id = study.user_attrs.get(PARENT_ATTR) if setup.cfg.mlflow.enabled else None
     n_run, failures = 0, 0
     max_failures = max(1, int(setup.settings.max_consecutive_failures))
     report = beats.WaitReport()
-    while True:
+    while stop is None or not stop.is_set():
         with setup.lock:
             recover(study, setup)
             c = counts(study)
@@ -112,7 +115,7 @@ def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = N
             oi.set_system_attr(study, trial, recovery.SURPLUS_ATTR, True)
             fail(study, trial, "started past the budget by a concurrent worker")
             continue
-        outcome = run_trial(setup, study, trial, train_fn, parent_run_id)
+        outcome = run(setup, study, trial, train_fn, parent_run_id)
         n_run += 1
         with setup.lock:
             export(setup, study, plot=False)

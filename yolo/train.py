@@ -1,8 +1,9 @@
 """``train(cfg, callbacks) -> TrainResults``: the library's training entry, with the default integrations.
 
 A :class:`yolo.engine.trainer.Trainer` with, in this order, the plots callback (unless ``noplots``), the MLflow
-callback (when ``mlflow.enabled``), the DDP trace (when ``YOLO_DDP_TRACE`` is set) and the caller's callbacks
-(e.g. evolution's pruning). ``Trainer(cfg, callbacks).fit()`` trains with none of them.
+callback (when ``mlflow.enabled``), the DDP trace (when ``YOLO_DDP_TRACE`` is set), those named in
+``YOLO_TRAIN_CALLBACKS`` (a Hydra sweep's trial reporter) and the caller's callbacks (e.g. evolution's pruning).
+``Trainer(cfg, callbacks).fit()`` trains with none of them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from yolo.engine import distributed
+from yolo.engine.callbacks import callbacks_from_env
 from yolo.engine.distributed import TraceCallback
 from yolo.engine.trainer import Trainer, TrainResults
 from yolo.plot_callback import PlotsCallback
@@ -28,7 +30,7 @@ def default_callbacks(cfg) -> list[Any]:
     trace = TraceCallback.from_env()
     if trace is not None:
         callbacks.append(trace)
-    return callbacks
+    return callbacks + callbacks_from_env(cfg)
 
 
 def train(cfg, callbacks: Iterable[Any] = (), save_dir: str | Path | None = None) -> TrainResults:

@@ -30,6 +30,7 @@ A plain function is an ``on_fit_epoch_end`` listener called as ``fn(epoch, metri
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterable
 
 log = logging.getLogger("yolo")
@@ -93,3 +94,23 @@ class CallbackList:
             hook = getattr(cb, event, None)
             if hook is not None:
                 hook(trainer)
+
+
+CALLBACKS_ENV = "YOLO_TRAIN_CALLBACKS"
+
+
+def callbacks_from_env(cfg: Any) -> list[Any]:
+    """The callbacks named in ``$YOLO_TRAIN_CALLBACKS`` (``package.module:factory``, comma-separated; each
+    ``factory(cfg)`` returns a callback or None): how a launcher that starts trainings in other processes (a
+    Hydra sweeper's jobs) attaches its integration to them. Read from the environment, never from a file."""
+    import importlib
+
+    out: list[Any] = []
+    for spec in filter(None, (s.strip() for s in os.environ.get(CALLBACKS_ENV, "").split(","))):
+        module, _, name = spec.partition(":")
+        if not module or not name:
+            raise ValueError(f"${CALLBACKS_ENV}: expected 'package.module:factory', got {spec!r}")
+        callback = getattr(importlib.import_module(module), name)(cfg)
+        if callback is not None:
+            out.append(callback)
+    return out
