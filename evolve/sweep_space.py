@@ -8,7 +8,7 @@ override                               parameter
 =====================================  ===================================================================
 ``key=a,b,c`` / ``key=choice(a,b,c)``  categorical
 ``key=range(start,stop,step)``         integer (every bound an integer) or float with that step; stop excluded
-``key=interval(low,high)``             float uniform (integer when both bounds are integers and ``key`` is no
+``key=interval(low,high)``             float uniform; ``int(interval(...))``: integer (unless ``key`` is a
                                        training hyp); ``tag(log, interval(...))``: on a log scale
 =====================================  ===================================================================
 
@@ -78,7 +78,9 @@ def format_value(value: Any) -> str:
     text = str(value)
     if _PLAIN.fullmatch(text) and text.lower() not in _SPECIAL:
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # Hydra's quoted strings: a backslash escapes only a quote or the backslashes before one
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def _scalar(key: str, value: Any) -> Any:

@@ -93,16 +93,8 @@ class EvolveSweep:
                                   f"task function; retrain the best with the command it prints)")
         data["generations"] = self.settings.get("generations", 300)
         data["evolve"] = ev
-        try:
-            cfg = OmegaConf.merge(OmegaConf.structured(EvolveConfig), data)
-            check_train_config(cfg, EvolveConfig)
-        except ConfigError as e:  # named as the user set it: hydra.sweeper.eta, not evolve.eta
-            text = str(e)
-            for key in ("evolve.", "generations"):
-                if text.startswith(key):
-                    raise ConfigError("hydra.sweeper." + text[len("evolve."):] if key == "evolve." else
-                                      "hydra.sweeper." + text) from None
-            raise
+        cfg = OmegaConf.merge(OmegaConf.structured(EvolveConfig), data)
+        check_train_config(cfg, EvolveConfig)
         return cfg
 
     def current_value(self, param: sweep_space.SweepParam, hyp: Mapping[str, Any]) -> Any:
@@ -136,6 +128,17 @@ class EvolveSweep:
 
     # ---- the sweep ---------------------------------------------------------------------------------------------
     def run(self, arguments: list[str]) -> list[list[JobReturn]]:
+        try:
+            return self._run(arguments)
+        except ConfigError as e:  # named as the user sets it: hydra.sweeper.eta, not evolve.eta
+            text = str(e)
+            if text.startswith("evolve."):
+                raise ConfigError("hydra.sweeper." + text[len("evolve."):]) from None
+            if text.startswith("generations"):
+                raise ConfigError("hydra.sweeper." + text) from None
+            raise
+
+    def _run(self, arguments: list[str]) -> list[list[JobReturn]]:
         cfg = self.evolve_config()
         sweep_dir = Path(str(OmegaConf.select(self.config, "hydra.sweep.dir")))
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,21 @@
+"""Trainer callbacks for the sweeper tests, attached to a sweep's jobs through ``$YOLO_TRAIN_CALLBACKS``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+class _SlowJob:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_start(self, trainer) -> None:
+        time.sleep(self.seconds)
+
+
+def slow_first(cfg):
+    """Job 0 (the sweep's first trial) takes ``$SWEEP_TEST_SLOW_S`` seconds longer than the others."""
+    from evolve.sweep_trial import job_number
+
+    return _SlowJob(float(os.environ.get("SWEEP_TEST_SLOW_S", "8"))) if job_number() == 0 else None
