@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -34,7 +35,7 @@ import yaml
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 
-from evolve import fidelity, samplers, sweep_space
+from evolve import fidelity, recovery, samplers, sweep_space
 from evolve import optuna_internals as oi
 from evolve.beats import Heartbeat
 from evolve.config import EvolveConfig, EvolveSettings
@@ -244,8 +245,6 @@ class EvolveSweep:
                 (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
         except KeyboardInterrupt:
             fail(study, trial, "interrupted")
-            from evolve import recovery
-
             recovery.retry_trial(study, oi.frozen(study, trial), setup.settings.max_retries, reason="interrupted")
             raise
         except fidelity.PromotionError as e:
@@ -256,8 +255,6 @@ class EvolveSweep:
             fail(study, trial, f"{type(e).__name__}: {e}")
             raise
         finally:
-            import shutil
-
             shutil.rmtree(promotion, ignore_errors=True)
         with self._lock:
             self.returns.append(ret)
