@@ -20,9 +20,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evolve import fidelity
+from evolve import fidelity, samplers
 from evolve import optuna_internals as oi
 from evolve.settings import make_pruner
+from evolve.space import HYP_KEYS
 from evolve.storages import open_storage
 from yolo.engine.callbacks import StopTraining
 
@@ -84,6 +85,15 @@ def trial_callback(cfg: Any) -> TrialCallback | None:
     return TrialCallback(spec, number)
 
 
+def trained_hyp(hyp: Any) -> dict[str, float]:
+    """A training config's hyps that are numbers, in the evolution's key order."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(hyp, resolve=True) if OmegaConf.is_config(hyp) else dict(hyp or {})
+    return {k: float(data[k]) for k in HYP_KEYS if isinstance(data.get(k), (int, float))
+            and not isinstance(data[k], bool) and math.isfinite(data[k])}
+
+
 class TrialCallback:
     """Connects a training to its trial: run folder, per-epoch reports to the pruner, the final result."""
 
@@ -107,6 +117,8 @@ class TrialCallback:
         try:
             self._connect()
             oi.set_user_attr(self.study, self.trial, fidelity.SAVE_DIR_ATTR, str(trainer.save_dir))
+            # the hyps this job really trains with (a swept hyp= group, or a resumed checkpoint's): evolve.csv's row
+            oi.set_user_attr(self.study, self.trial, samplers.FULL_HYP_ATTR, trained_hyp(trainer.cfg.hyp))
         except Exception as e:  # noqa: BLE001 - the training goes on; its return value still reaches the sweeper
             log.warning(f"WARNING: evolve sweep: job {self.number} cannot reach its trial ({type(e).__name__}: {e}): "
                         f"no pruning, and evolve.csv gets only its fitness")

@@ -19,3 +19,24 @@ def slow_first(cfg):
     from evolve.sweep_trial import job_number
 
     return _SlowJob(float(os.environ.get("SWEEP_TEST_SLOW_S", "8"))) if job_number() == 0 else None
+
+
+class _Kill:
+    def on_train_start(self, trainer) -> None:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(cfg):
+    """Job number ``$SWEEP_TEST_KILL_AT`` SIGKILLs its process as it starts training (with the basic launcher: the
+    whole sweep), once: a marker file ``$SWEEP_TEST_KILL_MARK`` says it happened."""
+    from pathlib import Path
+
+    from evolve.sweep_trial import job_number
+
+    mark = Path(os.environ["SWEEP_TEST_KILL_MARK"])
+    if job_number() != int(os.environ["SWEEP_TEST_KILL_AT"]) or mark.exists():
+        return None
+    mark.write_text("killed")
+    return _Kill()

@@ -110,6 +110,7 @@ def test_mutation_search_moves_choices_within_their_options(tmp_path):
 class _Trainer:
     def __init__(self, save_dir):
         self.save_dir, self.epoch, self.metrics, self.results = save_dir, 0, {}, None
+        self.cfg = compose("train", ["hyp=scratch-high", "hyp.lr0=0.02"])
 
 
 def test_trial_callback_reports_prunes_and_records(tmp_path, monkeypatch):
@@ -128,6 +129,8 @@ def test_trial_callback_reports_prunes_and_records(tmp_path, monkeypatch):
     trainer = _Trainer(tmp_path / "job")
     cb.on_train_start(trainer)
     assert study.trials[trial.number].user_attrs["save_dir"] == str(tmp_path / "job")
+    hyp = study.trials[trial.number].user_attrs["hyp"]  # what the job trains with, for evolve.csv
+    assert hyp["lr0"] == 0.02 and hyp["mixup"] == 0.1 and "anchors" not in hyp  # scratch-high's mixup
     trainer.metrics = {"fitness": 0.55}
     cb.on_fit_epoch_end(trainer)  # above the median at epoch 0 (0.5): goes on
     trainer.epoch, trainer.metrics = 1, {"fitness": 0.58}  # its best, 0.58, is below the median at epoch 1
@@ -246,11 +249,37 @@ def test_sweep_with_the_basic_launcher_resumes_and_tracks(tiny_shapes, tmp_path)
     assert len(parents) == 1 and len(children) == 4 and parents[0].info.status == "FINISHED"
 
 
+def test_sweep_killed_mid_trial_resumes_by_rerunning(tiny_shapes, tmp_path):
+    """SIGKILL of the sweep while trial 2 trains, then the same command: trials 0 and 1 are not trained again,
+    trial 2's values are trained again once (its retry), and the budget of 4 finished trials is met."""
+    extra = ["hydra/sweeper=evolve", "hydra.sweeper.generations=4", "hydra.sweeper.strategy=random", *MIXED[:3]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "YOLO_TRAIN_CALLBACKS": "sweep_helpers:kill_at",
+           "SWEEP_TEST_KILL_AT": "2", "SWEEP_TEST_KILL_MARK": str(tmp_path / "killed")}
+    args = [a for a in train_overrides(tiny_shapes, tmp_path, "epochs=1", "imgsz=64") if not a.startswith("data")]
+    cmd = [sys.executable, "run_train.py", "-m", f"data={tiny_shapes}", *args, *extra]
+    out = subprocess.run([*cmd, f"hydra.sweep.dir={tmp_path / 'sweep1'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == -9 and (tmp_path / "killed").exists(), out.stderr[-3000:]
+    study, _ = _study(tmp_path)
+    assert [t.state for t in sorted(study.trials, key=lambda t: t.number)] == [TrialState.COMPLETE] * 2 + [
+        TrialState.RUNNING]
+
+    _sweep(tiny_shapes, tmp_path, "sweep2", *extra)
+    study, out_dir = _study(tmp_path)
+    t = sorted(study.trials, key=lambda t: t.number)
+    assert [x.state for x in t] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert t[3].params == t[2].params  # the killed trial, retried once
+    assert _job_folders(tmp_path / "sweep1") == ["0", "1", "2"] and _job_folders(tmp_path / "sweep2") == ["3", "4"]
+    assert len(ledger.read_evolve_csv(out_dir / "evolve.csv")[1]) == 4
+    parents, children = _mlflow_family(tmp_path)
+    assert len(parents) == 1 and sum(c.info.status == "FINISHED" for c in children) == 4
+
+
 def test_sweep_with_joblib_runs_two_at_a_time_and_asks_as_slots_free(tiny_shapes, tmp_path):
     """Trial 0's job is slow: with 2 slots, trials 2 and 3 start (in the freed slot) before it ends; in Hydra's
     batches of 2 they would wait for it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "YOLO_TRAIN_CALLBACKS": "sweep_helpers:slow_first",
-           "SWEEP_TEST_SLOW_S": "12"}
+           "SWEEP_TEST_SLOW_S": "10"}
     _sweep(tiny_shapes, tmp_path, "sweep", "hydra/sweeper=evolve", "hydra.sweeper.generations=4",
            "hydra.sweeper.strategy=random", *MIXED[:3], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", env=env)
     study, out = _study(tmp_path)
