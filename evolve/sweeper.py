@@ -107,7 +107,7 @@ class EvolveSweep:
         if key in choices:
             return choices[key]
         value = OmegaConf.select(self.config, key, default=None)
-        return value if not isinstance(value, (DictConfig, list)) and not OmegaConf.is_config(value) else None
+        return None if OmegaConf.is_config(value) else value  # a whole node is no value to search
 
     def slots(self, generations: int) -> int:
         """How many trials run at once."""

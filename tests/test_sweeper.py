@@ -19,7 +19,6 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from evolve import ledger, samplers, sweep_space
-from evolve.space import build_space
 from evolve.sweep_trial import RESULT_ATTR, SWEEP_ENV, SweepSpec, TrialCallback
 from helpers import CONF, ROOT, compose, train_overrides
 from test_evolve_ledger import ISSUE_HEADER
