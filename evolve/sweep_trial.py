@@ -14,13 +14,15 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from evolve import fidelity, samplers
+from evolve import fidelity, recovery, samplers
 from evolve import optuna_internals as oi
 from evolve.settings import make_pruner
 from evolve.space import HYP_KEYS
@@ -50,6 +52,7 @@ class SweepSpec:
     heartbeat_s: int = 60
     heartbeat_grace_s: int | None = None
     max_retries: int = 1
+    owner: dict | None = None  # the sweep's process (evolve.recovery.owner_info): a job outlives it never
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -94,6 +97,23 @@ def trained_hyp(hyp: Any) -> dict[str, float]:
             and not isinstance(data[k], bool) and math.isfinite(data[k])}
 
 
+def watch_owner(owner: dict | None, number: int, poll_s: float = 1.0) -> None:
+    """End this job's process when the sweep that launched it is gone (SIGKILLed): a job in another process (a
+    joblib or submitit worker) would otherwise train on, orphaned, beside the retry of its trial that the sweep
+    run again starts. Only where the sweep's process can be seen (same machine), never the sweep's own."""
+    if not owner or owner.get("pid") == os.getpid() or recovery.owner_alive(owner) is not True:
+        return
+
+    def watch() -> None:
+        while recovery.owner_alive(owner) is not False:
+            time.sleep(poll_s)
+        log.warning(f"WARNING: evolve sweep: the sweep (process {owner.get('pid')}) is gone; job {number} "
+                    f"(process {os.getpid()}) exits")
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="evolve-sweep-watch").start()
+
+
 class TrialCallback:
     """Connects a training to its trial: run folder, per-epoch reports to the pruner, the final result."""
 
@@ -114,6 +134,7 @@ class TrialCallback:
         self.study, self.trial = study, optuna.Trial(study, trial_id)
 
     def on_train_start(self, trainer: Any) -> None:
+        watch_owner(self.spec.owner, self.number)
         try:
             self._connect()
             oi.set_user_attr(self.study, self.trial, fidelity.SAVE_DIR_ATTR, str(trainer.save_dir))

@@ -160,7 +160,7 @@ class EvolveSweep:
                          pruner=setup.pruner_name, pruner_startup=int(setup.settings.pruner_startup),
                          pruner_warmup_epochs=int(setup.settings.pruner_warmup_epochs), epochs=int(cfg.epochs),
                          heartbeat_s=int(setup.settings.heartbeat_s), heartbeat_grace_s=setup.settings.heartbeat_grace_s,
-                         max_retries=int(setup.settings.max_retries))
+                         max_retries=int(setup.settings.max_retries), owner=recovery.owner_info())
         callbacks = ",".join(filter(None, [os.environ.get(CALLBACKS_ENV, ""), FACTORY]))
         with environment({SWEEP_ENV: spec.to_env(), CALLBACKS_ENV: callbacks}):
             results = run_search(setup, lambda study, progress, parent: self.search(setup, study, progress),

@@ -40,3 +40,21 @@ def kill_at(cfg):
         return None
     mark.write_text("killed")
     return _Kill()
+
+
+class _PidAndWait:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_epoch_start(self, trainer) -> None:  # after every callback's on_train_start
+        from pathlib import Path
+
+        from evolve.sweep_trial import job_number
+
+        Path(self.folder, f"{job_number()}.pid").write_text(str(os.getpid()))
+        time.sleep(120)
+
+
+def pid_and_wait(cfg):
+    """Every job writes its process id into ``$SWEEP_TEST_PID_DIR`` and then waits (a long training)."""
+    return _PidAndWait(os.environ["SWEEP_TEST_PID_DIR"])

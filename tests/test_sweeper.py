@@ -292,6 +292,50 @@ def test_sweep_with_joblib_runs_two_at_a_time_and_asks_as_slots_free(tiny_shapes
     assert len(ledger.read_evolve_csv(out / "evolve.csv")[1]) == 4
 
 
+def test_jobs_do_not_outlive_a_killed_sweep(tiny_shapes, tmp_path):
+    """SIGKILL of the sweep while its joblib jobs train: the jobs' processes end within seconds instead of training
+    on, orphaned, beside the retries that the same command run again would start."""
+    import signal
+    import time
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "YOLO_TRAIN_CALLBACKS": "sweep_helpers:pid_and_wait",
+           "SWEEP_TEST_PID_DIR": str(pids)}
+    args = [a for a in train_overrides(tiny_shapes, tmp_path, "epochs=1", "imgsz=64") if not a.startswith("data")]
+    cmd = [sys.executable, "run_train.py", "-m", f"data={tiny_shapes}", *args, "hydra/sweeper=evolve",
+           "hydra.sweeper.generations=4", *MIXED[:1], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jobs: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while len(list(pids.glob("*.pid"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        jobs = [int(p.read_text()) for p in pids.glob("*.pid")]
+        assert len(jobs) == 2, "the two jobs did not start"
+        proc.kill()
+        proc.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.time() + 20
+        while any(alive(p) for p in jobs) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in jobs), "a job trains on after its sweep was killed"
+    finally:
+        proc.kill()
+        for pid in jobs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def test_sweep_with_asha_promotes_and_resumes(tiny_shapes, tmp_path):
     """epochs=3, first rung 1 epoch: three candidates, then the best resumed from its checkpoint to 3 epochs."""
     out = _sweep(tiny_shapes, tmp_path, "sweep", "epochs=3", "hydra/sweeper=evolve", "hydra.sweeper.generations=4",
