@@ -8,7 +8,9 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,21 @@ def process_start(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def exit_when(gone: Callable[[], bool], message: Callable[[], str], poll_s: float = 1.0,
+              name: str = "evolve-watch") -> None:
+    """End this process (exit code 3) once ``gone()`` says the process it works for has died, after logging
+    ``message()``: a worker or a job must not go on training, orphaned, beside those of the command run again.
+    What it was training is then failed (and retried) like any generation whose worker died."""
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(poll_s)
+        log.warning(message())
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name=name).start()
 
 
 def owner_info(pid: int | None = None) -> dict[str, Any]:

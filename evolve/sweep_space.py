@@ -175,9 +175,11 @@ def _gain(table: Mapping[str, Any], key: str) -> float:
     return gain if gain > 0 else 1.0
 
 
-def trial_overrides(space: SearchSpace, values: Mapping[str, Any], keys: Mapping[str, str]) -> list[str]:
-    """The overrides that give a job one trial's values: every row of the mutation table as ``hyp.<key>``
-    (as ``run_evolve.py`` trains a generation's complete hyps), then the other searched settings by their key."""
-    out = [f"hyp.{k}={format_value(values[k])}" for k in space.keys]
-    out += [f"{keys.get(name, name)}={format_value(values[name])}" for name in space.extra]
+def trial_overrides(space: SearchSpace, values: Mapping[str, Any], keys: Mapping[str, str],
+                    hyp_keys: Sequence[str] | None = None) -> list[str]:
+    """The overrides that give a job one trial's values: the rows of the mutation table as ``hyp.<key>`` (by
+    default every row, as ``run_evolve.py`` trains a generation's complete hyps; ``hyp_keys`` picks some), then
+    the other searched settings by their key."""
+    out = [f"hyp.{k}={format_value(values[k])}" for k in (space.keys if hyp_keys is None else hyp_keys)]
+    out += [f"{keys.get(name, name)}={format_value(values[name])}" for name in space.extra if name in values]
     return out

@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +22,7 @@ from optuna.trial import TrialState
 
 from evolve import fidelity, recovery, samplers
 from evolve import optuna_internals as oi
-from evolve.settings import make_pruner
+from evolve.settings import Setup, make_pruner
 from evolve.space import HYP_KEYS
 from evolve.storages import open_storage
 from yolo.engine.callbacks import StopTraining
@@ -53,6 +51,16 @@ class SweepSpec:
     heartbeat_grace_s: int | None = None
     max_retries: int = 1
     owner: dict | None = None  # the sweep's process (evolve.recovery.owner_info): a job outlives it never
+
+    @classmethod
+    def of(cls, setup: Setup) -> SweepSpec:
+        """The description of the evolution ``setup`` runs, owned by this process."""
+        ev = setup.settings
+        return cls(out_dir=str(setup.out_dir), storage=ev.storage, study_name=setup.study_name,
+                   pruner=setup.pruner_name, pruner_startup=int(ev.pruner_startup),
+                   pruner_warmup_epochs=int(ev.pruner_warmup_epochs), epochs=int(setup.cfg.epochs),
+                   heartbeat_s=int(ev.heartbeat_s), heartbeat_grace_s=ev.heartbeat_grace_s,
+                   max_retries=int(ev.max_retries), owner=recovery.owner_info())
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -103,15 +111,9 @@ def watch_owner(owner: dict | None, number: int, poll_s: float = 1.0) -> None:
     run again starts. Only where the sweep's process can be seen (same machine), never the sweep's own."""
     if not owner or owner.get("pid") == os.getpid() or recovery.owner_alive(owner) is not True:
         return
-
-    def watch() -> None:
-        while recovery.owner_alive(owner) is not False:
-            time.sleep(poll_s)
-        log.warning(f"WARNING: evolve sweep: the sweep (process {owner.get('pid')}) is gone; job {number} "
-                    f"(process {os.getpid()}) exits")
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True, name="evolve-sweep-watch").start()
+    recovery.exit_when(lambda: recovery.owner_alive(owner) is False,
+                       lambda: f"WARNING: evolve sweep: the sweep (process {owner.get('pid')}) is gone; job "
+                               f"{number} (process {os.getpid()}) exits", poll_s, name="evolve-sweep-watch")
 
 
 class TrialCallback:

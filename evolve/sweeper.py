@@ -73,6 +73,11 @@ class EvolveSweep:
         self.config, self.launcher = config, launcher
         self.returns: list[JobReturn] = []
         self._lock = threading.Lock()
+        self.fixed: list[str] = []  # the command line's overrides that are no sweep
+        self.fixed_keys: set[str] = set()
+        self.keys: dict[str, str] = {}  # a searched setting's study name -> its override key
+        self.space: tuple[Any, dict[str, Any]] | None = None  # (space, base) of a sweep's own parameters
+        self._best: tuple[int, dict[str, Any]] | None = None  # the best trial's number and values, read once
 
     # ---- configuration -----------------------------------------------------------------------------------------
     def evolve_config(self) -> DictConfig:
@@ -156,11 +161,7 @@ class EvolveSweep:
                                             current, model_cfg=model)
         self.space = space
         setup = Setup(cfg, announce=True, space=space)
-        spec = SweepSpec(out_dir=str(setup.out_dir), storage=setup.settings.storage, study_name=setup.study_name,
-                         pruner=setup.pruner_name, pruner_startup=int(setup.settings.pruner_startup),
-                         pruner_warmup_epochs=int(setup.settings.pruner_warmup_epochs), epochs=int(cfg.epochs),
-                         heartbeat_s=int(setup.settings.heartbeat_s), heartbeat_grace_s=setup.settings.heartbeat_grace_s,
-                         max_retries=int(setup.settings.max_retries), owner=recovery.owner_info())
+        spec = SweepSpec.of(setup)
         callbacks = ",".join(filter(None, [os.environ.get(CALLBACKS_ENV, ""), FACTORY]))
         with environment({SWEEP_ENV: spec.to_env(), CALLBACKS_ENV: callbacks}):
             results = run_search(setup, lambda study, progress, parent: self.search(setup, study, progress),
@@ -263,9 +264,9 @@ class EvolveSweep:
     def conclude(self, setup: Setup, study: optuna.Study, trial: optuna.Trial, ret: JobReturn, rung: int,
                  keep_last: bool, t0: float) -> str:
         """Record what a returned job achieved: its reported metrics, and its return value as the objective."""
-        reported = oi.frozen(study, trial).user_attrs.get(RESULT_ATTR)
-        reported = reported if isinstance(reported, dict) else None
-        folder = (reported or {}).get("save_dir") or oi.frozen(study, trial).user_attrs.get(fidelity.SAVE_DIR_ATTR)
+        attrs = oi.frozen(study, trial).user_attrs
+        reported = attrs.get(RESULT_ATTR) if isinstance(attrs.get(RESULT_ATTR), dict) else None
+        folder = (reported or {}).get("save_dir") or attrs.get(fidelity.SAVE_DIR_ATTR)
         pruned = bool(reported and reported.get("pruned"))
         ok = ret.status == JobStatus.COMPLETED
         if folder:
@@ -294,13 +295,11 @@ class EvolveSweep:
         """The best trial's searched values as overrides (only the settings outside the hyps: ``extra_only``)."""
         if results.best_trial < 0:
             return []
-        study = setup.open_study()
-        best = next(t for t in study.get_trials(deepcopy=False) if t.number == results.best_trial)
-        values = samplers.trial_hyp(best, setup.base)
-        out = [] if extra_only else [f"hyp.{k}={sweep_space.format_value(values[k])}" for k in setup.space.tuned_keys]
-        keys = getattr(self, "keys", {})
-        return out + [f"{keys.get(n, n)}={sweep_space.format_value(values[n])}" for n in setup.space.extra
-                      if n in values]
+        if self._best is None or self._best[0] != results.best_trial:
+            best = next(t for t in setup.open_study().get_trials(deepcopy=False) if t.number == results.best_trial)
+            self._best = (best.number, samplers.trial_hyp(best, setup.base))
+        return sweep_space.trial_overrides(setup.space, self._best[1], self.keys,
+                                           hyp_keys=() if extra_only else setup.space.tuned_keys)
 
     def write_results(self, setup: Setup, results: EvolveResults) -> None:
         """``optimization_results.yaml`` in the sweep folder (Hydra's Optuna sweeper's file): the best value and

@@ -129,17 +129,10 @@ def worker_loop(setup: Setup, train_fn: Callable, study: optuna.Study | None = N
 
 
 def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
-    """End this worker when the process that started it is gone (SIGKILLed, or a SIGTERM without clean-up):
-    workers must not go on training, orphaned, beside those of the command run again. The generation it was
-    training is then failed (and retried) like any whose worker died."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        log.warning(f"WARNING: evolve: the main process {parent} is gone; worker {os.getpid()} exits")
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True, name="evolve-parent-watch").start()
+    """End this worker when the process that started it is gone (SIGKILLed, or a SIGTERM without clean-up)."""
+    recovery.exit_when(lambda: os.getppid() != parent,
+                       lambda: f"WARNING: evolve: the main process {parent} is gone; worker {os.getpid()} exits",
+                       poll_s, name="evolve-parent-watch")
 
 
 def worker_entry(container: dict, worker: int, train_fn: Any, level: int, threads: int | None,
