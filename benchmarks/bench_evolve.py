@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = ("mutation", "cmaes", "tpe", "gp", "auto")
+STRATEGIES = ("mutation", "guided", "cmaes", "tpe", "gp", "auto")
 FIDELITIES = ("full", "asha")
 FULL = dict(generations=40, asha_generations=60, epochs=3, final_epochs=9, imgsz=96, n_train=400, n_val=100,
             batch=16, seeds=[0, 1, 2], start_n_train=1000, start_epochs=10, start_imgsz=128)

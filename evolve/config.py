@@ -19,7 +19,7 @@ from yolo.config import TrainConfig, checked, device_rule, each, num
 class EvolveSettings:
     """``evolve.*``: how the search runs (see conf/evolve.yaml for what each does)."""
 
-    strategy: str = "mutation"  # mutation (YOLOv5's) | tpe | cmaes | gp | auto | random | qmc
+    strategy: str = "mutation"  # mutation (YOLOv5's) | guided | tpe | cmaes | gp | auto | random | qmc
     seed: int = 0  # seeds the search (upstream seeds its mutation from the clock)
     parent: str = "single"  # mutation parent selection: single | weighted
     space: Dict[str, Any] = field(default_factory=dict)  # key: [gain, lower, upper] (checked by evolve.space)

@@ -1,6 +1,7 @@
 """Every strategy as an Optuna sampler over the same space, so storage, resume, workers and pruning are shared.
 
 ``mutation`` (the default) is YOLOv5's search (:mod:`evolve.mutation`) wrapped in :class:`MutationSampler`;
+``guided`` (:class:`GuidedSampler`) lets a Gaussian process (:mod:`evolve.surrogate`) pick among its children;
 ``tpe`` (multivariate), ``cmaes``, ``gp``, ``random`` and ``qmc`` are Optuna's own samplers; ``auto``
 (:class:`AutoSampler`) is the GP first, then CMA-ES from the GP's best, or TPE where the space has categorical
 choices. Whatever the strategy, the study's
@@ -31,11 +32,12 @@ from yolo.errors import ConfigError
 
 log = logging.getLogger("yolo.evolve")
 
-STRATEGIES = ("mutation", "tpe", "cmaes", "gp", "auto", "random", "qmc")
+STRATEGIES = ("mutation", "guided", "tpe", "cmaes", "gp", "auto", "random", "qmc")
 ALIASES = {"upstream": "mutation", "ga": "mutation", "genetic": "mutation", "cma": "cmaes", "cma-es": "cmaes",
-           "sobol": "qmc"}
+           "sobol": "qmc", "mutation-gp": "guided"}
 HYP_ATTR = "evolve:hyp"  # system attr: the complete hyps a sampler chose for a trial
 AUTO_ATTR = "evolve:auto"  # system attr: the sampler the auto strategy used for a trial
+GUIDED_ATTR = "evolve:guided"  # system attr: how the guided strategy chose a trial (candidates, GP mean/sd, EI)
 BASE_ATTR = "evolve:base"  # user attr of the enqueued first trial
 METRICS_ATTR = "metrics"  # user attr: the 7 evolve.csv metrics of a finished generation
 FULL_HYP_ATTR = "hyp"  # user attr: the complete hyps a generation trained with
@@ -143,6 +145,69 @@ class MutationSampler(BaseSampler):
         pass  # the random stream is derived from (seed, trial number), not held
 
 
+class GuidedSampler(MutationSampler):
+    """``evolve.strategy=guided``: upstream's mutation proposes, a Gaussian process picks.
+
+    Each generation draws ``candidates`` children with upstream's parent selection and mutation (the trial's own
+    random stream), fits :mod:`evolve.surrogate` to the finished generations (the searched hyps scaled to their
+    bounds) and trains the child with the highest expected improvement over the best predicted fitness so far.
+    The search stays where upstream's would go (near the best parents, within mutation's steps) and spends its
+    generations on the children the model expects to be best. The first ``startup`` generations (the base hyps
+    included) are upstream's own draws; running generations of other workers count at their predicted mean, so
+    parallel workers pick different children.
+    """
+
+    def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
+                 parent: str = "single", candidates: int = 256, startup: int = 4, **kw: Any) -> None:
+        super().__init__(space, base, seed=seed, parent=parent, **kw)
+        if int(candidates) < 1 or int(startup) < 1:
+            raise ConfigError(f"evolve.sampler_kwargs: candidates and startup must be >= 1, got {candidates}, "
+                              f"{startup}")
+        self.candidates, self.startup = int(candidates), int(startup)
+        self._choices: dict[int, dict[str, float]] = {}  # trial number -> how it was chosen, until recorded
+
+    def propose(self, study: optuna.Study, number: int) -> dict[str, Any]:
+        keys = self.space.keys
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        values, fit = trial_history(done, keys, self.base)
+        if len(fit) < self.startup:
+            return super().propose(study, number)
+        rng = trial_rng(self.seed, number)
+        kids = [mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit, rng,
+                                 method=self.parent, top=self.top, mutation_prob=self.mutation_prob,
+                                 sigma=self.sigma) for _ in range(self.candidates)]
+        pick, self._choices[number] = self._pick(study, kids, values, fit)
+        return {**self.base, **kids[pick], **self._propose_extra(study, rng)}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        out = super().sample_relative(study, trial, search_space)
+        info = self._choices.pop(trial.number, None)
+        if info is not None:
+            oi.set_system_attr(study, trial, GUIDED_ATTR, info)
+        return out
+
+    def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray
+              ) -> tuple[int, dict[str, float]]:
+        from evolve import surrogate
+
+        keys = self.space.keys
+        tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
+        to_unit = self.space.unit_scaler([keys[i] for i in tuned])
+        gp = surrogate.fit(to_unit(values[:, tuned]), fit)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        pending = [{**self.base, **t.system_attrs[HYP_ATTR]} for t in running if HYP_ATTR in t.system_attrs]
+        if pending:
+            xr = to_unit(np.array([[float(h[keys[i]]) for i in tuned] for h in pending]))
+            gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
+        mean, sd = gp.predict(to_unit(np.array([[kid[keys[i]] for i in tuned] for kid in kids])))
+        best = float(gp.predict(gp.x)[0].max())
+        ei = surrogate.expected_improvement(mean, sd, best)
+        pick = int(np.argmax(ei))
+        return pick, {"candidates": len(kids), "mean": float(mean[pick]), "sd": float(sd[pick]),
+                      "ei": float(ei[pick]), "best_mean": best}
+
+
 def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
                  parent: str = "single", worker: int = 0, kwargs: Mapping[str, Any] | None = None) -> BaseSampler:
     """The sampler of a strategy. ``worker`` > 0 offsets Optuna samplers' seeds so parallel workers differ
@@ -151,6 +216,8 @@ def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, 
     kw = dict(kwargs or {})
     if strategy == "mutation":
         return MutationSampler(space, base, seed=seed, parent=parent, **kw)
+    if strategy == "guided":
+        return GuidedSampler(space, base, seed=seed, parent=parent, **kw)
     s = None if seed is None else int(seed) + int(worker)
     samplers = optuna.samplers
     if strategy == "auto":

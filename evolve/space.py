@@ -78,6 +78,24 @@ class SearchSpace:
                  for k in self.tuned_keys}
         return {**tuned, **self.extra}
 
+    def unit_scaler(self, keys: Sequence[str]):
+        """A function mapping rows of ``keys``' values (m, len(keys)) into [0, 1] by their bounds (on the log
+        scale for a log bound), for models of the space."""
+        import numpy as np
+
+        b = [self.bounds[k] for k in keys]
+        log = np.array([x.log for x in b])
+        lo = np.array([np.log(x.lower) if x.log else x.lower for x in b], dtype=float)
+        hi = np.array([np.log(x.upper) if x.log else x.upper for x in b], dtype=float)
+        span = np.where(hi - lo > 0, hi - lo, 1.0)
+
+        def to_unit(rows):
+            v = np.array(rows, dtype=float).reshape(-1, len(keys))
+            v[:, log] = np.log(np.maximum(v[:, log], np.exp(lo[log])))
+            return np.clip((v - lo) / span, 0.0, 1.0)
+
+        return to_unit
+
     def as_table(self) -> dict[str, list[float]]:
         return {k: [b.gain, b.lower, b.upper] for k, b in self.bounds.items()}
 

@@ -129,7 +129,7 @@ def test_repeated_failures_stop_the_evolution(tmp_path):
     assert len(rec.cfgs) == 2
 
 
-@pytest.mark.parametrize("strategy", ["tpe", "random", "qmc", "gp", "cmaes"])
+@pytest.mark.parametrize("strategy", ["tpe", "random", "qmc", "gp", "cmaes", "guided"])
 def test_optuna_strategies_start_from_the_base_hyp(tmp_path, strategy):
     if strategy == "cmaes":
         pytest.importorskip("cmaes")
