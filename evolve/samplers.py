@@ -15,6 +15,7 @@ them as the user attribute ``hyp`` once the generation is done.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -149,21 +150,24 @@ class GuidedSampler(MutationSampler):
     """``evolve.strategy=guided``: upstream's mutation proposes, a Gaussian process picks.
 
     Each generation draws ``candidates`` children with upstream's parent selection and mutation (the trial's own
-    random stream), fits :mod:`evolve.surrogate` to the finished generations (the searched hyps scaled to their
-    bounds) and trains the child with the highest expected improvement over the best predicted fitness so far.
-    The search stays where upstream's would go (near the best parents, within mutation's steps) and spends its
-    generations on the children the model expects to be best. The first ``startup`` generations (the base hyps
-    included) are upstream's own draws; running generations of other workers count at their predicted mean, so
-    parallel workers pick different children.
+    random stream; the first is exactly the child upstream's search would train), fits :mod:`evolve.surrogate` to
+    the finished generations (the searched hyps scaled to their bounds) and, when the fit predicts fitness it has
+    not seen (:func:`evolve.surrogate.loo_skill` at least ``min_skill``), trains the child with the highest expected
+    improvement over the best predicted fitness so far; otherwise upstream's child. The search stays where
+    upstream's would go (near the best parents, within mutation's steps). The first ``startup`` generations (the
+    base hyps included) are upstream's own draws; running generations of other workers count at their predicted
+    mean, so parallel workers pick different children. How each generation was chosen is kept in the trial
+    (:data:`GUIDED_ATTR`).
     """
 
     def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
-                 parent: str = "single", candidates: int = 256, startup: int = 4, **kw: Any) -> None:
+                 parent: str = "single", candidates: int = 256, startup: int = 4, min_skill: float = 0.05,
+                 **kw: Any) -> None:
         super().__init__(space, base, seed=seed, parent=parent, **kw)
-        if int(candidates) < 1 or int(startup) < 1:
-            raise ConfigError(f"evolve.sampler_kwargs: candidates and startup must be >= 1, got {candidates}, "
-                              f"{startup}")
-        self.candidates, self.startup = int(candidates), int(startup)
+        if int(candidates) < 1 or int(startup) < 1 or not float(min_skill) <= 1.0:
+            raise ConfigError(f"evolve.sampler_kwargs: candidates and startup must be >= 1 and min_skill <= 1, "
+                              f"got {candidates}, {startup}, {min_skill}")
+        self.candidates, self.startup, self.min_skill = int(candidates), int(startup), float(min_skill)
         self._choices: dict[int, dict[str, float]] = {}  # trial number -> how it was chosen, until recorded
 
     def propose(self, study: optuna.Study, number: int) -> dict[str, Any]:
@@ -173,11 +177,17 @@ class GuidedSampler(MutationSampler):
         if len(fit) < self.startup:
             return super().propose(study, number)
         rng = trial_rng(self.seed, number)
-        kids = [mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit, rng,
-                                 method=self.parent, top=self.top, mutation_prob=self.mutation_prob,
-                                 sigma=self.sigma) for _ in range(self.candidates)]
+
+        def child() -> dict[str, float]:
+            return mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit, rng,
+                                    method=self.parent, top=self.top, mutation_prob=self.mutation_prob,
+                                    sigma=self.sigma)
+
+        first = child()
+        extra = self._propose_extra(study, rng)  # upstream's stream up to here: its child and extras
+        kids = [first] + [child() for _ in range(self.candidates - 1)]
         pick, self._choices[number] = self._pick(study, kids, values, fit)
-        return {**self.base, **kids[pick], **self._propose_extra(study, rng)}
+        return {**self.base, **kids[pick], **extra}
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -188,13 +198,18 @@ class GuidedSampler(MutationSampler):
         return out
 
     def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray
-              ) -> tuple[int, dict[str, float]]:
+              ) -> tuple[int, dict[str, Any]]:
+        """(index of the child to train, how it was chosen)."""
         from evolve import surrogate
 
         keys = self.space.keys
         tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
         to_unit = self.space.unit_scaler([keys[i] for i in tuned])
         gp = surrogate.fit(to_unit(values[:, tuned]), fit)
+        skill = surrogate.loo_skill(gp)
+        info: dict[str, Any] = {"candidates": len(kids), "skill": None if math.isnan(skill) else round(skill, 4)}
+        if not skill >= self.min_skill:  # nan included: no evidence the model predicts
+            return 0, {**info, "guided": False}
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         pending = [{**self.base, **t.system_attrs[HYP_ATTR]} for t in running if HYP_ATTR in t.system_attrs]
         if pending:
@@ -204,7 +219,7 @@ class GuidedSampler(MutationSampler):
         best = float(gp.predict(gp.x)[0].max())
         ei = surrogate.expected_improvement(mean, sd, best)
         pick = int(np.argmax(ei))
-        return pick, {"candidates": len(kids), "mean": float(mean[pick]), "sd": float(sd[pick]),
+        return pick, {**info, "guided": True, "mean": float(mean[pick]), "sd": float(sd[pick]),
                       "ei": float(ei[pick]), "best_mean": best}
 
 

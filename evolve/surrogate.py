@@ -9,6 +9,7 @@ Pure numpy (scipy for the hyperparameter fit), no state beyond the fitted arrays
   most of them matter little, so long length scales are the default guess) and weak priors on the variances;
 - targets standardised after raising the low outliers to the lower Tukey fence (a diverged or failed run with
   fitness 0 should not set the scale of the good region);
+- :func:`loo_skill`: the fit's leave-one-out error against knowing nothing: whether the model predicts at all;
 - :func:`expected_improvement` over a best value; :func:`condition` adds points at fixed hyperparameters (the
   running generations of parallel workers, believed exactly at their predicted mean: the "kriging believer", so
   a second worker's expected improvement there is nil).
@@ -84,6 +85,12 @@ SN2_PRIOR = (math.log(0.1), 1.5)
 SN2_BOUNDS = (math.log(1e-6), math.log(2.0))
 
 
+def fit_starts(mu: float) -> tuple[tuple[float, float], ...]:
+    """Where the fit starts (log length scale of every dimension, log noise): at the priors' centres, and
+    with short length scales and little noise."""
+    return (mu, SN2_PRIOR[0]), (math.log(0.3), math.log(1e-2))
+
+
 def _neg_log_posterior(theta: np.ndarray, x: np.ndarray, y: np.ndarray, d2: np.ndarray
                        ) -> tuple[float, np.ndarray]:
     """Negative log marginal likelihood plus priors, and its gradient in ``theta`` = (log_ls..., log_sf2,
@@ -131,11 +138,16 @@ def fit(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> GP:
     n, d = x.shape
     d2 = (x[:, None, :] - x[None, :, :]) ** 2
     mu, _ = ls_prior(d)
-    theta0 = np.concatenate([np.full(d, mu), [SF2_PRIOR[0], SN2_PRIOR[0]]])
     bounds = [(math.log(1e-2), math.log(1e3))] * d + [(-5.0, 5.0), SN2_BOUNDS]
-    res = minimize(_neg_log_posterior, theta0, args=(x, z, d2), jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"maxiter": 200})
-    theta = res.x if np.all(np.isfinite(res.x)) and res.fun < 1e10 else theta0
+    theta, best = None, np.inf
+    for log_ls, log_sn2 in fit_starts(mu):  # the flat all-noise fit is a local optimum: start on both sides of it
+        theta0 = np.concatenate([np.full(d, log_ls), [SF2_PRIOR[0], log_sn2]])
+        res = minimize(_neg_log_posterior, theta0, args=(x, z, d2), jac=True, method="L-BFGS-B", bounds=bounds,
+                       options={"maxiter": 200})
+        if np.all(np.isfinite(res.x)) and res.fun < best:
+            theta, best = res.x, res.fun
+    if theta is None:
+        theta = np.concatenate([np.full(d, mu), [SF2_PRIOR[0], SN2_PRIOR[0]]])
     return condition_raw(x, z, mean, scale, theta[:d], float(theta[d]), float(theta[d + 1]))
 
 
@@ -168,6 +180,22 @@ def condition(gp: GP, x_new: np.ndarray, y_new: np.ndarray, exact: bool = False)
 def _targets(gp: GP) -> np.ndarray:
     """The standardised training targets: K alpha."""
     return gp.chol @ (gp.chol.T @ gp.alpha)
+
+
+def loo_skill(gp: GP) -> float:
+    """How well the GP predicts fitness it has not seen: ``1 - SSE_gp / SSE_mean`` over its training points, with
+    each point's leave-one-out mean (closed form: ``z_i - alpha_i / (K^-1)_ii``) against the mean of the other
+    points (a model that knows nothing). Above 0: better than knowing nothing; nan below 5 points or without
+    spread. (A rank correlation would not do: the other points' mean is perfectly anti-correlated.)"""
+    from scipy.linalg import cho_solve
+
+    n = len(gp.x)
+    z = _targets(gp)
+    if n < 5 or np.ptp(z) == 0:
+        return float("nan")
+    loo = z - gp.alpha / np.diag(cho_solve((gp.chol, True), np.eye(n)))
+    others = (z.sum() - z) / (n - 1)
+    return float(1.0 - ((z - loo) ** 2).sum() / ((z - others) ** 2).sum())
 
 
 def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float) -> np.ndarray:

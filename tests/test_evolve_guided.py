@@ -81,6 +81,25 @@ def test_condition_keeps_the_hyperparameters_and_the_old_points():
     assert gp2.predict(new)[0].min() > gp.predict(new)[0].max()  # pulled towards the added values
 
 
+def test_loo_skill_tells_a_model_that_predicts_from_one_that_does_not():
+    rng = np.random.default_rng(3)
+    x = rng.random((30, 5))
+    assert surrogate.loo_skill(surrogate.fit(x, x[:, 0] - x[:, 1] ** 2)) > 0.8
+    assert surrogate.loo_skill(surrogate.fit(x, rng.standard_normal(30))) < 0.1  # pure noise
+    assert math.isnan(surrogate.loo_skill(surrogate.fit(x[:4], x[:4, 0])))  # too few points to judge
+
+
+def test_fit_escapes_the_all_noise_optimum_on_a_search_history():
+    """A mutation search's first 8 generations sit close together: started only at the priors' centres, the fit
+    calls every difference noise (skill about 0.04); started also at short length scales it finds the model."""
+    sp = space()
+    study = run("mutation", 0, 8, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
+    tuned = [i for i, k in enumerate(sp.keys) if sp.bounds[k].gain > 0]
+    values, fit = samplers.trial_history(study.trials, sp.keys, BASE)
+    gp = surrogate.fit(sp.unit_scaler([sp.keys[i] for i in tuned])(values[:, tuned]), fit)
+    assert surrogate.loo_skill(gp) > 0.5 and math.exp(gp.log_sn2) < 0.2
+
+
 def test_expected_improvement_formula():
     ei = surrogate.expected_improvement(np.array([1.0, 0.0, 2.0]), np.array([1.0, 1.0, 1e-9]), 0.0)
     phi0, big_phi1 = 1 / math.sqrt(2 * math.pi), 0.8413447460685429
@@ -114,18 +133,27 @@ def run(strategy: str, seed: int, n: int, sp, peak):
     return study
 
 
-def test_guided_picks_the_best_expected_child_and_records_why():
+def test_guided_records_why_and_keeps_upstreams_child_while_the_model_cannot_predict():
     sp = space()
-    study = run("guided", 0, 8, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
+    study = run("guided", 0, 10, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
     trials = sorted(study.trials, key=lambda t: t.number)
     assert all(samplers.GUIDED_ATTR not in t.system_attrs for t in trials[:4])  # base + upstream's own draws
-    for t in trials[4:]:
-        info = t.system_attrs[samplers.GUIDED_ATTR]
-        assert info["candidates"] == 256 and info["sd"] > 0 and info["ei"] >= 0
+    infos = [t.system_attrs[samplers.GUIDED_ATTR] for t in trials[4:]]
+    assert all(i["candidates"] == 256 for i in infos)
+    assert not infos[0]["guided"] and infos[0]["skill"] is None  # 4 points: no evidence yet
+    assert any(i["guided"] for i in infos)
+    for t, info in zip(trials[4:], infos):
         hyp = t.system_attrs[samplers.HYP_ATTR]
         for k, (lo, hi) in sp.limits().items():
             assert lo <= hyp[k] <= hi
         assert hyp["fl_gamma"] == 0.0  # gain 0 / value 0: a multiplicative mutation never moves it
+        if info["guided"]:
+            assert info["skill"] >= 0.05 and info["sd"] > 0 and info["ei"] >= 0
+        else:  # exactly the child upstream's search trains for this trial
+            upstream = samplers.MutationSampler(sp, BASE, seed=0)
+            before = optuna.create_study(direction="maximize")
+            before.add_trials([u for u in trials if u.number < t.number])
+            assert {k: hyp[k] for k in sp.keys} == {k: upstream.propose(before, t.number)[k] for k in sp.keys}
 
 
 def test_guided_proposal_is_the_argmax_of_expected_improvement(monkeypatch):
