@@ -150,18 +150,18 @@ class GuidedSampler(MutationSampler):
     """``evolve.strategy=guided``: upstream's mutation proposes, a Gaussian process picks.
 
     Each generation draws ``candidates`` children with upstream's parent selection and mutation (the trial's own
-    random stream; the first is exactly the child upstream's search would train), fits :mod:`evolve.surrogate` to
-    the finished generations (the searched hyps scaled to their bounds) and, when the fit predicts fitness it has
-    not seen (:func:`evolve.surrogate.loo_skill` at least ``min_skill``), trains the child with the highest expected
-    improvement over the best predicted fitness so far; otherwise upstream's child. The search stays where
-    upstream's would go (near the best parents, within mutation's steps). The first ``startup`` generations (the
-    base hyps included) are upstream's own draws; running generations of other workers count at their predicted
-    mean, so parallel workers pick different children. How each generation was chosen is kept in the trial
-    (:data:`GUIDED_ATTR`).
+    random stream; the first is exactly the child upstream's search would train) and fits :mod:`evolve.surrogate`
+    to the finished generations (the searched hyps scaled to their bounds). When the fit predicts generations it
+    has not seen (:func:`evolve.surrogate.loo_skill` at least ``min_skill``; a fit that calls everything noise
+    scores under 0.1 from 5 points on), it trains the child with the highest expected improvement over the best
+    predicted fitness so far; otherwise upstream's child. The search stays where upstream's would go (near the best
+    parents, within mutation's steps). The first ``startup`` generations (the base hyps included) are upstream's
+    own draws; running generations of other workers count at their predicted mean, so parallel workers pick
+    different children. How each generation was chosen is kept in the trial (:data:`GUIDED_ATTR`).
     """
 
     def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
-                 parent: str = "single", candidates: int = 256, startup: int = 4, min_skill: float = 0.05,
+                 parent: str = "single", candidates: int = 256, startup: int = 4, min_skill: float = 0.2,
                  **kw: Any) -> None:
         super().__init__(space, base, seed=seed, parent=parent, **kw)
         if int(candidates) < 1 or int(startup) < 1 or not float(min_skill) <= 1.0:
