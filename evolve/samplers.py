@@ -64,12 +64,16 @@ def trial_history(trials: Sequence[FrozenTrial], keys: Sequence[str], base: Mapp
             continue
         hyp = {**base, **t.system_attrs.get(HYP_ATTR, {}), **t.params, **t.user_attrs.get(FULL_HYP_ATTR, {})}
         rows.append([mutation.csv_value(hyp[k]) for k in keys])
-        metrics = t.user_attrs.get(METRICS_ATTR)
-        if metrics is not None and len(metrics) >= 4:
-            fits.append(float(mutation.fitness([mutation.csv_value(m) for m in metrics[:4]])[0]))
-        else:
-            fits.append(float(t.value if t.value is not None else 0.0))
+        fits.append(trial_fitness(t))
     return np.asarray(rows, dtype=float).reshape(len(rows), len(keys)), np.asarray(fits, dtype=float)
+
+
+def trial_fitness(t: FrozenTrial) -> float:
+    """A finished generation's fitness as upstream computes it from its evolve.csv row (else its value)."""
+    metrics = t.user_attrs.get(METRICS_ATTR)
+    if metrics is not None and len(metrics) >= 4:
+        return float(mutation.fitness([mutation.csv_value(m) for m in metrics[:4]])[0])
+    return float(t.value if t.value is not None else 0.0)
 
 
 def trial_rng(seed: int | None, number: int) -> np.random.Generator:
@@ -150,25 +154,30 @@ class GuidedSampler(MutationSampler):
     """``evolve.strategy=guided``: upstream's mutation proposes, a Gaussian process picks.
 
     Each generation draws ``candidates`` children with upstream's parent selection and mutation (the trial's own
-    random stream; the first is exactly the child upstream's search would train) and fits :mod:`evolve.surrogate`
-    to the finished generations (the searched hyps scaled to their bounds). When the fit predicts generations it
-    has not seen (:func:`evolve.surrogate.loo_skill` at least ``min_skill``; a fit that calls everything noise
-    scores under 0.1 from 5 points on), it trains the child with the highest expected improvement over the best
-    predicted fitness so far; otherwise upstream's child. The search stays where upstream's would go (near the best
-    parents, within mutation's steps). The first ``startup`` generations (the base hyps included) are upstream's
-    own draws; running generations of other workers count at their predicted mean, so parallel workers pick
-    different children. How each generation was chosen is kept in the trial (:data:`GUIDED_ATTR`).
+    random stream; the first is exactly the child upstream's search would train), fits :mod:`evolve.surrogate`
+    to the finished generations (the searched hyps scaled to their bounds) and records its prediction for the
+    child it trains, before training it. Once those predictions have ranked the generations' real fitness well
+    (Spearman correlation at least ``min_skill`` over the last ``window`` predicted generations, ``min_points``
+    of them at least: an honest test, each prediction made before its outcome), it trains the child with the
+    highest expected improvement over the best predicted fitness so far; until then upstream's child. The search
+    stays where upstream's would go (near the best parents, within mutation's steps). The first ``startup``
+    generations (the base hyps included) are upstream's own draws; running generations of other workers count at
+    their predicted mean, so parallel workers pick different children. How each generation was chosen is kept in
+    the trial (:data:`GUIDED_ATTR`).
     """
 
     def __init__(self, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,
-                 parent: str = "single", candidates: int = 256, startup: int = 4, min_skill: float = 0.2,
-                 **kw: Any) -> None:
+                 parent: str = "single", candidates: int = 256, startup: int = 4, min_skill: float = 0.3,
+                 min_points: int = 6, window: int = 20, **kw: Any) -> None:
         super().__init__(space, base, seed=seed, parent=parent, **kw)
-        if int(candidates) < 1 or int(startup) < 1 or not float(min_skill) <= 1.0:
-            raise ConfigError(f"evolve.sampler_kwargs: candidates and startup must be >= 1 and min_skill <= 1, "
-                              f"got {candidates}, {startup}, {min_skill}")
+        if min(int(candidates), int(startup)) < 1 or int(min_points) < 3 or int(window) < int(min_points) \
+                or not float(min_skill) <= 1.0:
+            raise ConfigError(f"evolve.sampler_kwargs: guided needs candidates, startup >= 1, min_points >= 3, "
+                              f"window >= min_points, min_skill <= 1; got {candidates}, {startup}, {min_points}, "
+                              f"{window}, {min_skill}")
         self.candidates, self.startup, self.min_skill = int(candidates), int(startup), float(min_skill)
-        self._choices: dict[int, dict[str, float]] = {}  # trial number -> how it was chosen, until recorded
+        self.min_points, self.window = int(min_points), int(window)
+        self._choices: dict[int, dict[str, Any]] = {}  # trial number -> how it was chosen, until recorded
 
     def propose(self, study: optuna.Study, number: int) -> dict[str, Any]:
         keys = self.space.keys
@@ -186,8 +195,18 @@ class GuidedSampler(MutationSampler):
         first = child()
         extra = self._propose_extra(study, rng)  # upstream's stream up to here: its child and extras
         kids = [first] + [child() for _ in range(self.candidates - 1)]
-        pick, self._choices[number] = self._pick(study, kids, values, fit)
+        pick, self._choices[number] = self._pick(study, kids, values, fit, self.skill(done))
         return {**self.base, **kids[pick], **extra}
+
+    def skill(self, done: Sequence[FrozenTrial]) -> float:
+        """How well this evolution's recorded predictions ranked the outcomes (nan: too few yet)."""
+        from evolve import surrogate
+
+        pairs = [(t.system_attrs[GUIDED_ATTR]["predicted"], trial_fitness(t))
+                 for t in sorted(done, key=lambda t: t.number)
+                 if isinstance(t.system_attrs.get(GUIDED_ATTR), dict) and "predicted" in t.system_attrs[GUIDED_ATTR]]
+        pairs = pairs[-self.window:]
+        return surrogate.rank_skill([p for p, _ in pairs], [f for _, f in pairs], min_points=self.min_points)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -197,8 +216,8 @@ class GuidedSampler(MutationSampler):
             oi.set_system_attr(study, trial, GUIDED_ATTR, info)
         return out
 
-    def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray
-              ) -> tuple[int, dict[str, Any]]:
+    def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray,
+              skill: float) -> tuple[int, dict[str, Any]]:
         """(index of the child to train, how it was chosen)."""
         from evolve import surrogate
 
@@ -206,20 +225,19 @@ class GuidedSampler(MutationSampler):
         tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
         to_unit = self.space.unit_scaler([keys[i] for i in tuned])
         gp = surrogate.fit(to_unit(values[:, tuned]), fit)
-        skill = surrogate.loo_skill(gp)
-        info: dict[str, Any] = {"candidates": len(kids), "skill": None if math.isnan(skill) else round(skill, 4)}
-        if not skill >= self.min_skill:  # nan included: no evidence the model predicts
-            return 0, {**info, "guided": False}
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         pending = [{**self.base, **t.system_attrs[HYP_ATTR]} for t in running if HYP_ATTR in t.system_attrs]
         if pending:
             xr = to_unit(np.array([[float(h[keys[i]]) for i in tuned] for h in pending]))
             gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
         mean, sd = gp.predict(to_unit(np.array([[kid[keys[i]] for i in tuned] for kid in kids])))
+        info: dict[str, Any] = {"candidates": len(kids), "skill": None if math.isnan(skill) else round(skill, 4)}
+        if not skill >= self.min_skill:  # nan included: no evidence yet that the model ranks outcomes
+            return 0, {**info, "guided": False, "predicted": float(mean[0])}
         best = float(gp.predict(gp.x)[0].max())
         ei = surrogate.expected_improvement(mean, sd, best)
         pick = int(np.argmax(ei))
-        return pick, {**info, "guided": True, "mean": float(mean[pick]), "sd": float(sd[pick]),
+        return pick, {**info, "guided": True, "predicted": float(mean[pick]), "sd": float(sd[pick]),
                       "ei": float(ei[pick]), "best_mean": best}
 
 

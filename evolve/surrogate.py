@@ -6,10 +6,12 @@ Pure numpy (scipy for the hyperparameter fit), no state beyond the fitted arrays
   (training runs are noisy: the same hyps give another fitness with another seed);
 - hyperparameters: the maximum a posteriori of the log marginal likelihood, with a log-normal prior on every length
   scale whose centre grows with the dimension (``sqrt(2) + log(d) / 2``, sd ``sqrt(3)``: in many dimensions
-  most of them matter little, so long length scales are the default guess) and weak priors on the variances;
+  most of them matter little, so long length scales are the default guess) and weak priors on the variances,
+  found from two starts (:func:`fit_starts`), of which the one that predicts left-out points best is kept;
 - targets standardised after raising the low outliers to the lower Tukey fence (a diverged or failed run with
   fitness 0 should not set the scale of the good region);
-- :func:`loo_skill`: the fit's leave-one-out error against knowing nothing: whether the model predicts at all;
+- :func:`loo_skill`: the fit's leave-one-out error against knowing nothing, to choose between fits (optimistic:
+  the hyperparameters saw the left-out point); :func:`rank_skill` judges predictions made before their outcomes;
 - :func:`expected_improvement` over a best value; :func:`condition` adds points at fixed hyperparameters (the
   running generations of parallel workers, believed exactly at their predicted mean: the "kriging believer", so
   a second worker's expected improvement there is nil).
@@ -139,16 +141,18 @@ def fit(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> GP:
     d2 = (x[:, None, :] - x[None, :, :]) ** 2
     mu, _ = ls_prior(d)
     bounds = [(math.log(1e-2), math.log(1e3))] * d + [(-5.0, 5.0), SN2_BOUNDS]
-    theta, best = None, np.inf
+    fits = []
     for log_ls, log_sn2 in fit_starts(mu):  # the flat all-noise fit is a local optimum: start on both sides of it
         theta0 = np.concatenate([np.full(d, log_ls), [SF2_PRIOR[0], log_sn2]])
         res = minimize(_neg_log_posterior, theta0, args=(x, z, d2), jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"maxiter": 200})
-        if np.all(np.isfinite(res.x)) and res.fun < best:
-            theta, best = res.x, res.fun
-    if theta is None:
-        theta = np.concatenate([np.full(d, mu), [SF2_PRIOR[0], SN2_PRIOR[0]]])
-    return condition_raw(x, z, mean, scale, theta[:d], float(theta[d]), float(theta[d + 1]))
+        if np.all(np.isfinite(res.x)) and res.fun < 1e10:
+            fits.append(condition_raw(x, z, mean, scale, res.x[:d], float(res.x[d]), float(res.x[d + 1])))
+    if not fits:
+        return condition_raw(x, z, mean, scale, np.full(d, mu), SF2_PRIOR[0], SN2_PRIOR[0])
+    # the fit that predicts left-out points best: the posterior's modes include "all noise" twice over (a flat
+    # mean with large noise, or length scales so short the kernel is white noise), which predict nothing
+    return max(fits, key=lambda gp: np.nan_to_num(loo_skill(gp), nan=-np.inf))
 
 
 def condition_raw(x: np.ndarray, z: np.ndarray, mean: float, scale: float, log_ls: np.ndarray, log_sf2: float,
@@ -196,6 +200,17 @@ def loo_skill(gp: GP) -> float:
     loo = z - gp.alpha / np.diag(cho_solve((gp.chol, True), np.eye(n)))
     others = (z.sum() - z) / (n - 1)
     return float(1.0 - ((z - loo) ** 2).sum() / ((z - others) ** 2).sum())
+
+
+def rank_skill(predicted, observed, min_points: int = 6) -> float:
+    """Spearman's rank correlation of predictions with what was then observed; nan with fewer than
+    ``min_points`` pairs or no spread on either side."""
+    from scipy.stats import spearmanr
+
+    p, o = np.asarray(predicted, dtype=float), np.asarray(observed, dtype=float)
+    if len(p) < max(min_points, 3) or np.ptp(p) == 0 or np.ptp(o) == 0:
+        return float("nan")
+    return float(spearmanr(p, o).statistic)
 
 
 def expected_improvement(mean: np.ndarray, std: np.ndarray, best: float) -> np.ndarray:

@@ -81,12 +81,37 @@ def test_condition_keeps_the_hyperparameters_and_the_old_points():
     assert gp2.predict(new)[0].min() > gp.predict(new)[0].max()  # pulled towards the added values
 
 
-def test_loo_skill_tells_a_model_that_predicts_from_one_that_does_not():
+def test_loo_skill_tells_a_model_that_predicts_from_too_few_points():
     rng = np.random.default_rng(3)
     x = rng.random((30, 5))
     assert surrogate.loo_skill(surrogate.fit(x, x[:, 0] - x[:, 1] ** 2)) > 0.8
-    assert surrogate.loo_skill(surrogate.fit(x, rng.standard_normal(30))) < 0.1  # pure noise
     assert math.isnan(surrogate.loo_skill(surrogate.fit(x[:4], x[:4, 0])))  # too few points to judge
+
+
+def test_rank_skill_of_predictions_against_outcomes():
+    assert surrogate.rank_skill([1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.3, 0.5, 0.4, 0.9]) == pytest.approx(0.9429, abs=1e-4)
+    assert surrogate.rank_skill([6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]) == -1.0
+    assert math.isnan(surrogate.rank_skill([1, 2, 3], [1, 2, 3]))  # fewer than min_points
+    assert math.isnan(surrogate.rank_skill([1] * 6, [1, 2, 3, 4, 5, 6]))  # a flat prediction ranks nothing
+
+
+def test_the_gate_reads_the_predictions_recorded_before_each_outcome():
+    """Predictions that ranked the outcomes backwards keep upstream's child; ones that ranked them well open
+    the gate. Only the last ``window`` predicted generations count."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    sampler = samplers.GuidedSampler(space(), BASE, seed=0, min_points=6, window=8)
+
+    def history(pairs):
+        return [create_trial(value=v, params={"lr0": 0.01}, distributions={"lr0": FloatDistribution(1e-5, 0.1)},
+                             system_attrs={samplers.GUIDED_ATTR: {"predicted": p}}) for p, v in pairs]
+
+    good = [(i, i + 0.5 * (i % 2)) for i in range(8)]
+    assert sampler.skill(history(good)) > 0.9
+    assert sampler.skill(history([(p, -v) for p, v in good])) < -0.9
+    assert math.isnan(sampler.skill(history(good[:5])))
+    assert sampler.skill(history([(p, -v) for p, v in good] + good)) > 0.9  # the window: the recent 8
 
 
 def test_fit_escapes_the_all_noise_optimum_on_a_search_history():
@@ -133,14 +158,14 @@ def run(strategy: str, seed: int, n: int, sp, peak):
     return study
 
 
-def test_guided_records_why_and_keeps_upstreams_child_while_the_model_cannot_predict():
+def test_guided_records_why_and_keeps_upstreams_child_until_its_predictions_rank_well():
     sp = space()
-    study = run("guided", 0, 10, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
+    study = run("guided", 0, 16, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
     trials = sorted(study.trials, key=lambda t: t.number)
     assert all(samplers.GUIDED_ATTR not in t.system_attrs for t in trials[:4])  # base + upstream's own draws
     infos = [t.system_attrs[samplers.GUIDED_ATTR] for t in trials[4:]]
-    assert all(i["candidates"] == 256 for i in infos)
-    assert not infos[0]["guided"] and infos[0]["skill"] is None  # 4 points: no evidence yet
+    assert all(i["candidates"] == 256 and "predicted" in i for i in infos)
+    assert all(not i["guided"] and i["skill"] is None for i in infos[:6])  # fewer than 6 predictions to judge
     assert any(i["guided"] for i in infos)
     for t, info in zip(trials[4:], infos):
         hyp = t.system_attrs[samplers.HYP_ATTR]
@@ -148,7 +173,7 @@ def test_guided_records_why_and_keeps_upstreams_child_while_the_model_cannot_pre
             assert lo <= hyp[k] <= hi
         assert hyp["fl_gamma"] == 0.0  # gain 0 / value 0: a multiplicative mutation never moves it
         if info["guided"]:
-            assert info["skill"] >= 0.2 and info["sd"] > 0 and info["ei"] >= 0
+            assert info["skill"] >= 0.3 and info["sd"] > 0 and info["ei"] >= 0
         else:  # exactly the child upstream's search trains for this trial
             upstream = samplers.MutationSampler(sp, BASE, seed=0)
             before = optuna.create_study(direction="maximize")
@@ -161,6 +186,7 @@ def test_guided_proposal_is_the_argmax_of_expected_improvement(monkeypatch):
     sp = space()
     study = run("mutation", 3, 6, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
     guided = samplers.GuidedSampler(sp, BASE, seed=3, candidates=32)
+    guided.skill = lambda done: 1.0  # the gate open (its own test is above)
     seen = {}
     real = surrogate.expected_improvement
 
@@ -193,10 +219,15 @@ def test_running_generations_steer_parallel_workers_apart():
     """With another worker's generation running at the child it would pick, the guided sampler picks another."""
     sp = space()
     study = run("mutation", 7, 8, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
-    first = samplers.GuidedSampler(sp, BASE, seed=7).propose(study, 8)
+    def guided():
+        g = samplers.GuidedSampler(sp, BASE, seed=7)
+        g.skill = lambda done: 1.0  # the gate open
+        return g
+
+    first = guided().propose(study, 8)
     running = study.ask()  # another worker's generation, running at exactly that child
     oi.set_system_attr(study, running, samplers.HYP_ATTR, first)
-    again = samplers.GuidedSampler(sp, BASE, seed=7).propose(study, 8)
+    again = guided().propose(study, 8)
     assert again != first
 
 
@@ -204,16 +235,17 @@ def test_guided_beats_upstreams_mutation_on_a_smooth_fitness():
     """Same seeds, same budget: the model's pick finds more than upstream's blind draw (3 of 28 hyps matter)."""
     sp = space()
     peak = {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3}
-    guided = [run("guided", s, 12, sp, peak).best_value for s in range(3)]
-    upstream = [run("mutation", s, 12, sp, peak).best_value for s in range(3)]
+    guided = [run("guided", s, 16, sp, peak).best_value for s in range(3)]
+    upstream = [run("mutation", s, 16, sp, peak).best_value for s in range(3)]
     assert all(g > u + 0.1 for g, u in zip(guided, upstream)), (guided, upstream)  # a random pick does not
 
 
 def test_bad_sampler_settings_fail_in_one_line():
     from yolo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="candidates and startup"):
-        samplers.GuidedSampler(space(), BASE, candidates=0)
+    for bad in ({"candidates": 0}, {"min_points": 2}, {"window": 4}, {"min_skill": 1.5}):
+        with pytest.raises(ConfigError, match="guided needs"):
+            samplers.GuidedSampler(space(), BASE, **bad)
 
 
 def test_unit_scaler_maps_bounds_to_the_unit_cube():
