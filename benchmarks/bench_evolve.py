@@ -1,12 +1,12 @@
 """Evolution strategies and fidelities at a real budget, on the embedded shapes dataset, on CPU (not part of CI).
 
-    nice -n 5 python benchmarks/bench_evolve.py --jobs 2  # the full benchmark (about 70 min on 2 cores)
+    nice -n 5 python benchmarks/bench_evolve.py --jobs 2  # the full benchmark (about 100 min on 2 cores)
     python benchmarks/bench_evolve.py --quick             # a smoke test of the whole pipeline (about 2 min)
     python benchmarks/bench_evolve.py --report-only       # the tables again from the curves already measured
 
 1. Once (cached in ``<out>/start``): yolov5n is trained from scratch on a shapes set (seed 0) with
    ``hyp=shapes-scratch``; its best.pt is the start checkpoint of every evolution.
-2. For each strategy (mutation, cmaes, tpe, gp, auto) x fidelity (``evolve.fidelity=full``: every generation
+2. For each strategy (mutation, guided, cmaes, tpe, gp, auto) x fidelity (``evolve.fidelity=full``: every generation
    trains ``epochs``; ``asha``: rungs of 1 and ``epochs`` epochs, the top third promoted by resuming its
    checkpoint) x seed, an evolution (``generations``, or ``asha_generations`` with asha: ledger rows, rungs
    included) fine-tunes the start checkpoint on another shapes set (seed 1) from ``--hyp`` as the base hyps
