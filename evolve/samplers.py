@@ -202,9 +202,13 @@ class GuidedSampler(MutationSampler):
         """How well this evolution's recorded predictions ranked the outcomes (nan: too few yet)."""
         from evolve import surrogate
 
-        pairs = [(t.system_attrs[GUIDED_ATTR]["predicted"], trial_fitness(t))
-                 for t in sorted(done, key=lambda t: t.number)
-                 if isinstance(t.system_attrs.get(GUIDED_ATTR), dict) and "predicted" in t.system_attrs[GUIDED_ATTR]]
+        pairs = []
+        for t in sorted(done, key=lambda t: t.number):
+            info = t.system_attrs.get(GUIDED_ATTR)
+            p = info.get("predicted") if isinstance(info, dict) else None
+            if isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) \
+                    and math.isfinite(f := trial_fitness(t)):
+                pairs.append((float(p), f))
         pairs = pairs[-self.window:]
         return surrogate.rank_skill([p for p, _ in pairs], [f for _, f in pairs], min_points=self.min_points)
 
@@ -224,14 +228,20 @@ class GuidedSampler(MutationSampler):
         keys = self.space.keys
         tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
         to_unit = self.space.unit_scaler([keys[i] for i in tuned])
-        gp = surrogate.fit(to_unit(values[:, tuned]), fit)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        pending = [{**self.base, **t.system_attrs[HYP_ATTR]} for t in running if HYP_ATTR in t.system_attrs]
-        if pending:
-            xr = to_unit(np.array([[float(h[keys[i]]) for i in tuned] for h in pending]))
-            gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
-        mean, sd = gp.predict(to_unit(np.array([[kid[keys[i]] for i in tuned] for kid in kids])))
         info: dict[str, Any] = {"candidates": len(kids), "skill": None if math.isnan(skill) else round(skill, 4)}
+        try:
+            gp = surrogate.fit(to_unit(values[:, tuned]), fit)
+        except (ValueError, np.linalg.LinAlgError) as e:  # no finite history, or a singular kernel
+            log.warning(f"evolve: guided: no model this generation ({e}); upstream's child")
+            return 0, {**info, "guided": False}
+        xr = self._running_rows(study, [keys[i] for i in tuned])
+        if len(xr):
+            xr = to_unit(xr)
+            try:
+                gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
+            except np.linalg.LinAlgError:
+                log.warning("evolve: guided: the running generations could not be added to the model")
+        mean, sd = gp.predict(to_unit(np.array([[kid[keys[i]] for i in tuned] for kid in kids])))
         if not skill >= self.min_skill:  # nan included: no evidence yet that the model ranks outcomes
             return 0, {**info, "guided": False, "predicted": float(mean[0])}
         best = float(gp.predict(gp.x)[0].max())
@@ -239,6 +249,19 @@ class GuidedSampler(MutationSampler):
         pick = int(np.argmax(ei))
         return pick, {**info, "guided": True, "predicted": float(mean[pick]), "sd": float(sd[pick]),
                       "ei": float(ei[pick]), "best_mean": best}
+
+    def _running_rows(self, study: optuna.Study, keys: Sequence[str]) -> np.ndarray:
+        """The hyps (``keys``) of other workers' running generations, (m, len(keys)); rows that are not all
+        finite numbers are left out."""
+        rows = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            hyp = t.system_attrs.get(HYP_ATTR)
+            if not isinstance(hyp, dict):
+                continue
+            row = [{**self.base, **hyp}.get(k) for k in keys]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+                rows.append([float(v) for v in row])
+        return np.asarray(rows, dtype=float).reshape(len(rows), len(keys))
 
 
 def make_sampler(strategy: str, space: SearchSpace, base: Mapping[str, Any], *, seed: int | None = None,

@@ -131,8 +131,12 @@ def fit(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> GP:
 
     x = np.atleast_2d(np.asarray(x, dtype=float))
     y = np.asarray(y, dtype=float).reshape(-1)
-    if len(y) != len(x) or len(y) == 0:
-        raise ValueError(f"fit needs as many targets as inputs (>= 1), got {len(y)} and {len(x)}")
+    if len(y) != len(x):
+        raise ValueError(f"fit needs as many targets as inputs, got {len(y)} and {len(x)}")
+    finite = np.isfinite(x).all(1) & np.isfinite(y)  # a ledger is data: a NaN or inf row says nothing
+    x, y = x[finite], y[finite]
+    if len(y) == 0:
+        raise ValueError("fit needs at least one point with finite inputs and target")
     if len(y) > max_points:
         keep = np.argsort(-y)[:max_points]
         x, y = x[keep], y[keep]

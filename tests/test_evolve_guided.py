@@ -274,3 +274,34 @@ def test_guided_evolution_with_asha_and_a_warm_start(tmp_path):
     chosen = [t.system_attrs[samplers.GUIDED_ATTR] for t in load(tmp_path / "ev").get_trials()
               if samplers.GUIDED_ATTR in t.system_attrs]
     assert chosen and all(c["candidates"] == 256 for c in chosen)
+
+
+def test_hostile_ledger_values_do_not_reach_the_model():
+    """A journal is data: a non-number prediction, a NaN fitness, a running generation's hyps that are not
+    numbers are left out; a history with no finite point gives upstream's child, not a crash."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    sp = space()
+    sampler = samplers.GuidedSampler(sp, BASE, seed=0, min_points=6, window=20)
+    dist = {"lr0": FloatDistribution(1e-5, 0.1)}
+    good = [create_trial(value=float(i), params={"lr0": 0.01}, distributions=dist,
+                         system_attrs={samplers.GUIDED_ATTR: {"predicted": float(i)}}) for i in range(6)]
+    bad = [create_trial(value=1.0, params={"lr0": 0.01}, distributions=dist,
+                        system_attrs={samplers.GUIDED_ATTR: {"predicted": p}}) for p in ("9", None, True, math.nan)]
+    bad.append(create_trial(value=1.0, params={"lr0": 0.01}, distributions=dist,
+                            system_attrs={samplers.GUIDED_ATTR: "not a dict"}))
+    assert sampler.skill(good + bad) == 1.0
+
+    study = run("mutation", 0, 6, sp, {"lr0": 0.03, "momentum": 0.8, "mosaic": 0.3})
+    for junk in ({"lr0": "0.1"}, "hyps", {"lr0": math.inf}):
+        t = study.ask()
+        oi.set_system_attr(study, t, samplers.HYP_ATTR, junk)
+    assert len(sampler._running_rows(study, sp.keys)) == 0
+    assert sampler.propose(study, 9)["lr0"] > 0
+
+    x = np.array([[0.1, 0.2], [np.nan, 0.3], [0.5, 0.5]])
+    gp = surrogate.fit(x, np.array([1.0, 2.0, np.inf]))
+    assert len(gp.x) == 1
+    with pytest.raises(ValueError, match="finite"):
+        surrogate.fit(x[1:2], np.array([1.0]))
