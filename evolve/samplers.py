@@ -76,6 +76,11 @@ def trial_fitness(t: FrozenTrial) -> float:
     return float(t.value if t.value is not None else 0.0)
 
 
+def finite_number(v: Any) -> bool:
+    """Whether a value read from the ledger is a finite real number (a string, bool, None or NaN is not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def trial_rng(seed: int | None, number: int) -> np.random.Generator:
     """The random stream of one generation: a function of the evolution seed and the trial number only, so a
     resumed or parallel search draws what an uninterrupted one would have drawn for that trial."""
@@ -206,8 +211,7 @@ class GuidedSampler(MutationSampler):
         for t in sorted(done, key=lambda t: t.number):
             info = t.system_attrs.get(GUIDED_ATTR)
             p = info.get("predicted") if isinstance(info, dict) else None
-            if isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) \
-                    and math.isfinite(f := trial_fitness(t)):
+            if finite_number(p) and math.isfinite(f := trial_fitness(t)):
                 pairs.append((float(p), f))
         pairs = pairs[-self.window:]
         return surrogate.rank_skill([p for p, _ in pairs], [f for _, f in pairs], min_points=self.min_points)
@@ -259,7 +263,7 @@ class GuidedSampler(MutationSampler):
             if not isinstance(hyp, dict):
                 continue
             row = [{**self.base, **hyp}.get(k) for k in keys]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+            if all(finite_number(v) for v in row):
                 rows.append([float(v) for v in row])
         return np.asarray(rows, dtype=float).reshape(len(rows), len(keys))
 

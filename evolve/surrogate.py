@@ -191,10 +191,11 @@ def _targets(gp: GP) -> np.ndarray:
 
 
 def loo_skill(gp: GP) -> float:
-    """How well the GP predicts fitness it has not seen: ``1 - SSE_gp / SSE_mean`` over its training points, with
-    each point's leave-one-out mean (closed form: ``z_i - alpha_i / (K^-1)_ii``) against the mean of the other
-    points (a model that knows nothing). Above 0: better than knowing nothing; nan below 5 points or without
-    spread. (A rank correlation would not do: the other points' mean is perfectly anti-correlated.)"""
+    """``1 - SSE_gp / SSE_mean`` over the training points, with each point's leave-one-out mean (closed form:
+    ``z_i - alpha_i / (K^-1)_ii``) against the mean of the other points (a model that knows nothing); nan below 5
+    points or without spread. Optimistic (the hyperparameters were fitted with the left-out point): good to
+    choose between fits, not to trust one. (A rank correlation would not do: the other points' mean is perfectly
+    anti-correlated with the point.)"""
     from scipy.linalg import cho_solve
 
     n = len(gp.x)
