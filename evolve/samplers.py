@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evolve import mutation
 from evolve import optuna_internals as oi
+from evolve import surrogate
 from evolve.space import SearchSpace
 from yolo.errors import ConfigError
 
@@ -205,8 +206,6 @@ class GuidedSampler(MutationSampler):
 
     def skill(self, done: Sequence[FrozenTrial]) -> float:
         """How well this evolution's recorded predictions ranked the outcomes (nan: too few yet)."""
-        from evolve import surrogate
-
         pairs = []
         for t in sorted(done, key=lambda t: t.number):
             info = t.system_attrs.get(GUIDED_ATTR)
@@ -227,8 +226,6 @@ class GuidedSampler(MutationSampler):
     def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray,
               skill: float) -> tuple[int, dict[str, Any]]:
         """(index of the child to train, how it was chosen)."""
-        from evolve import surrogate
-
         keys = self.space.keys
         tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
         to_unit = self.space.unit_scaler([keys[i] for i in tuned])
