@@ -192,11 +192,11 @@ class GuidedSampler(MutationSampler):
         if len(fit) < self.startup:
             return super().propose(study, number)
         rng = trial_rng(self.seed, number)
+        gains, limits = self.space.gains, self.space.limits()
 
         def child() -> dict[str, float]:
-            return mutation.propose(keys, self.space.gains, self.space.limits(), self.base, values, fit, rng,
-                                    method=self.parent, top=self.top, mutation_prob=self.mutation_prob,
-                                    sigma=self.sigma)
+            return mutation.propose(keys, gains, limits, self.base, values, fit, rng, method=self.parent,
+                                    top=self.top, mutation_prob=self.mutation_prob, sigma=self.sigma)
 
         first = child()
         extra = self._propose_extra(study, rng)  # upstream's stream up to here: its child and extras
@@ -226,25 +226,26 @@ class GuidedSampler(MutationSampler):
     def _pick(self, study: optuna.Study, kids: list[dict[str, float]], values: np.ndarray, fit: np.ndarray,
               skill: float) -> tuple[int, dict[str, Any]]:
         """(index of the child to train, how it was chosen)."""
-        keys = self.space.keys
-        tuned = [i for i, k in enumerate(keys) if self.space.bounds[k].gain > 0]
-        to_unit = self.space.unit_scaler([keys[i] for i in tuned])
+        tuned = self.space.tuned_keys
+        to_unit = self.space.unit_scaler(tuned)
+        columns = [self.space.keys.index(k) for k in tuned]
         info: dict[str, Any] = {"candidates": len(kids), "skill": None if math.isnan(skill) else round(skill, 4)}
         try:
-            gp = surrogate.fit(to_unit(values[:, tuned]), fit)
+            gp = surrogate.fit(to_unit(values[:, columns]), fit)
         except (ValueError, np.linalg.LinAlgError) as e:  # no finite history, or a singular kernel
             log.warning(f"evolve: guided: no model this generation ({e}); upstream's child")
             return 0, {**info, "guided": False}
-        xr = self._running_rows(study, [keys[i] for i in tuned])
+        xr = self._running_rows(study, tuned)
         if len(xr):
             xr = to_unit(xr)
             try:
                 gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
             except np.linalg.LinAlgError:
                 log.warning("evolve: guided: the running generations could not be added to the model")
-        mean, sd = gp.predict(to_unit(np.array([[kid[keys[i]] for i in tuned] for kid in kids])))
         if not skill >= self.min_skill:  # nan included: no evidence yet that the model ranks outcomes
-            return 0, {**info, "guided": False, "predicted": float(mean[0])}
+            upstream_child = to_unit([[kids[0][k] for k in tuned]])
+            return 0, {**info, "guided": False, "predicted": float(gp.predict(upstream_child)[0][0])}
+        mean, sd = gp.predict(to_unit(np.array([[kid[k] for k in tuned] for kid in kids])))
         best = float(gp.predict(gp.x)[0].max())
         ei = surrogate.expected_improvement(mean, sd, best)
         pick = int(np.argmax(ei))

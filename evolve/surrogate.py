@@ -45,7 +45,9 @@ class GP:
         xs = np.atleast_2d(np.asarray(xs, dtype=float))
         ks = math.exp(self.log_sf2) * np.exp(-0.5 * _sqdist(xs, self.x, self.log_ls))
         mean = ks @ self.alpha
-        v = _solve_lower(self.chol, ks.T)
+        from scipy.linalg import solve_triangular
+
+        v = solve_triangular(self.chol, ks.T, lower=True)
         var = np.maximum(math.exp(self.log_sf2) - (v * v).sum(0), 1e-12)
         return self.y_mean + self.y_scale * mean, self.y_scale * np.sqrt(var)
 
@@ -55,12 +57,6 @@ def _sqdist(a: np.ndarray, b: np.ndarray, log_ls: np.ndarray) -> np.ndarray:
     a, b = a * s, b * s
     d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d, 0.0)
-
-
-def _solve_lower(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from scipy.linalg import solve_triangular
-
-    return solve_triangular(chol, b, lower=True)
 
 
 def standardise(y: np.ndarray) -> tuple[np.ndarray, float, float]:
