@@ -46,6 +46,7 @@ class EvolveSettings:
     poll_s: float = num(2.0, gt=0)  # how often a waiting worker / the monitor looks at the storage
     final_train: bool = False  # at the end: retrain the best and the base hyps for the full schedule, compare
     final_epochs: Optional[int] = num(None, ge=1)  # final_train's schedule (null: `epochs`)
+    final_seeds: int = num(1, ge=1, le=20)  # final_train: training seeds per side (seed..seed+N-1), paired
     keep_weights: bool = False  # keep each generation's last.pt/best.pt
     plot: bool = True  # write evolve.png
     train_fn: Optional[str] = None  # "module:function" replacing yolo.train.train (tests, benchmarks)

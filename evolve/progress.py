@@ -86,9 +86,12 @@ class ParentRun:
         """The generalisation check's figures (:class:`evolve.final.FinalCheck`) on the parent run."""
         if self.tracker is None:
             return
-        self.tracker.log_metrics({"final/best_fitness": check.best.fitness, "final/base_fitness": check.base.fitness,
-                                  "final/gain": check.gain, "final/best_mAP50-95": check.best.map,
-                                  "final/base_mAP50-95": check.base.map}, step=0)
+        best, base = check.best, check.base
+        metrics = {"final/best_fitness": best.fitness, "final/base_fitness": base.fitness, "final/gain": check.gain,
+                   "final/best_mAP50-95": best.map, "final/base_mAP50-95": base.map, "final/seeds": len(check.seeds)}
+        if check.gain_se is not None:
+            metrics["final/gain_se"] = check.gain_se
+        self.tracker.log_metrics(metrics, step=0)
 
     def finish(self, paths: Mapping[str, Path], status: str) -> None:
         if self.tracker is None:

@@ -279,3 +279,54 @@ def test_final_train_retrains_best_and_base_for_the_full_schedule(tmp_path, monk
     calls = trained_log(log)[-2:]
     assert [c[0] for c in calls] == ["best", "base"] and all(c[1] == 12 and not c[3] for c in calls)
     assert res.final.best.fitness >= res.final.base.fitness  # fake_train: the search moves towards its peak
+
+
+def seed_noisy_train(cfg, callbacks=(), save_dir=None):
+    """fake_train plus a seed-dependent shift of its mAPs (a fine-tune's luck), recorded per call."""
+    res = fake_train(cfg, callbacks=callbacks, save_dir=save_dir)
+    shift = (0.0, 0.05, -0.04, 0.03)[int(cfg.seed) % 4] if str(cfg.name).startswith(("best", "base")) else 0.0
+    res.map, res.map50 = res.map + shift, min(1.0, res.map50 + shift)
+    seed_noisy_train.calls.append((str(cfg.name), int(cfg.seed), int(cfg.epochs), str(save_dir)))
+    return res
+
+
+seed_noisy_train.calls = []
+
+
+def test_final_seeds_train_each_side_per_seed_paired(tmp_path):
+    import json
+
+    seed_noisy_train.calls.clear()
+    res = evolve(cfg_for(tmp_path / "ev", "evolve.final_train=true", "evolve.final_epochs=12", "evolve.final_seeds=3",
+                         "seed=5", generations=12), train_fn=seed_noisy_train)
+    calls = seed_noisy_train.calls[-6:]
+    assert [(c[0], c[1], c[2]) for c in calls] == [("best", 5, 12), ("base", 5, 12), ("best-seed6", 6, 12),
+                                                   ("base-seed6", 6, 12), ("best-seed7", 7, 12), ("base-seed7", 7, 12)]
+    assert len({c[3] for c in calls}) == 6  # each retrain has its own folder
+    check = json.loads((tmp_path / "ev" / "final_train.json").read_text())
+    assert check["seeds"] == [5, 6, 7] and len(check["best_runs"]) == len(check["base_runs"]) == 3
+    best = [r["fitness"] for r in check["best_runs"]]
+    base = [r["fitness"] for r in check["base_runs"]]
+    assert check["best"]["fitness"] == pytest.approx(sum(best) / 3)
+    assert check["gain"] == pytest.approx(sum(b - a for b, a in zip(best, base)) / 3)
+    assert check["gain_se"] == pytest.approx(0.0, abs=1e-12)  # paired: the seed's shift is the same on both sides
+    assert check["gain"] > 0 and check["best_fitness_sd"] > 0.01 and check["verdict"] == "the evolution paid off"
+    assert res.final.seeds == [5, 6, 7]
+
+
+def test_final_check_verdict_allows_for_the_seed_noise():
+    from evolve.final import FinalCheck, FinalRun, paired_gain
+
+    def runs(label, fits):
+        return [FinalRun(label, f, 0, 0, 0, f, 3, 1.0, f"/x/{label}{i}", None, i) for i, f in enumerate(fits)]
+
+    assert paired_gain([0.3, 0.5], [0.2, 0.2]) == (pytest.approx(0.2), pytest.approx(0.1))
+    noisy = FinalCheck(runs("best", [0.30, 0.10, 0.26]), runs("base", [0.20, 0.20, 0.20]))  # gain +0.02, se 0.06
+    assert noisy.gain == pytest.approx(0.02) and noisy.verdict().startswith("within the seed-to-seed noise")
+    clear = FinalCheck(runs("best", [0.30, 0.31, 0.29]), runs("base", [0.20, 0.22, 0.19]))
+    assert clear.verdict() == "the evolution paid off"
+    worse = FinalCheck(runs("best", [0.10, 0.11, 0.09]), runs("base", [0.20, 0.22, 0.19]))
+    assert worse.verdict() == "the evolved hyps do NOT beat the base hyps"
+    one = FinalCheck(runs("best", [0.25]), runs("base", [0.20]))  # one pair: no noise estimate, the sign decides
+    assert one.gain_se is None and one.verdict() == "the evolution paid off" and one.as_dict()["best_fitness_sd"] is None
+    assert one.best.save_dir == "/x/best0" and noisy.best.fitness == pytest.approx(0.22)
