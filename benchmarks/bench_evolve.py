@@ -21,11 +21,16 @@
    and per seed the CPU time to reach that seed's mutation best as a fraction of that seed's mutation CPU time.
 5. The generalisation check: the best generation of each strategy x fidelity (over its seeds) and the base hyps
    retrained for ``final_epochs`` (longer than the evolution's ``epochs``), fitness after that retrain.
+6. ``--reeval K`` (the noise check): a generation's fitness is one draw of a noisy training, and an evolution's best
+   is the luckiest of its draws. Each evolution's incumbent (its best full-schedule generation) at the end and at a
+   quarter of that seed's mutation CPU time, and the base hyps, are trained again exactly as a generation is, with
+   the training seeds 1..K (the evolution trains with seed 0): their mean is what those hyps are worth.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -326,9 +331,10 @@ def _retrain(spec: dict) -> None:
     (Path(spec["out"]) / "final.json").write_text(json.dumps({**spec, **info}, indent=1))
 
 
-def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: str, jobs: int) -> list[dict]:
+def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: str, jobs: int,
+                   train_seeds: int = 1) -> list[dict]:
     """Retrain the best hyps of each strategy x fidelity (best over seeds) and the base hyps for
-    ``final_epochs``; cached in ``<out>/final/<name>/final.json``."""
+    ``final_epochs``, with the training seeds 0..train_seeds-1; cached in ``<out>/final/<name>[-seed<k>]/final.json``."""
     picks: dict[str, dict] = {}
     for c in curves:
         full = [g for g in c["generations"] if g["fitness"] is not None and g["epochs"] == s["epochs"]]
@@ -345,16 +351,17 @@ def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: 
                 f"imgsz={s['imgsz']}", f"epochs={s['final_epochs']}", f"batch_size={s['batch']}", "workers=0",
                 "device=cpu", "noautoanchor=true", "cache=ram", "noval=true"]
 
-    def one(item: tuple[str, dict]) -> dict | None:
-        name, pick = item
-        folder = out / "final" / name
+    def one(item: tuple[str, dict, int]) -> dict | None:
+        name, pick, seed = item
+        folder = out / "final" / (name if seed == 0 else f"{name}-seed{seed}")
         done = folder / "final.json"
-        spec = {"name": name, "hyp": pick["hyp"] or {}, "overrides": train_ov, "out": str(folder),
-                "evolved": pick["evolved"], "seed": pick["seed"]}
+        ov = train_ov if seed == 0 else [*train_ov, f"seed={seed}"]
+        spec = {"name": name, "hyp": pick["hyp"] or {}, "overrides": ov, "out": str(folder),
+                "evolved": pick["evolved"], "seed": pick["seed"], "train_seed": seed}
         if done.exists():
             old = json.loads(done.read_text())
-            if old.get("hyp") == spec["hyp"] and old.get("overrides") == train_ov:
-                return old
+            if old.get("hyp") == spec["hyp"] and old.get("overrides") == ov:
+                return {"train_seed": 0, **old}
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "train.log", "w") as log:
             subprocess.run([sys.executable, __file__, "--_final", json.dumps(spec)], cwd=ROOT, env=child_env(1),
@@ -362,18 +369,147 @@ def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: 
         return json.loads(done.read_text()) if done.exists() else None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return [r for r in pool.map(one, sorted(picks.items())) if r is not None]
+        items = [(name, pick, k) for name, pick in sorted(picks.items()) for k in range(max(1, train_seeds))]
+        return [r for r in pool.map(one, items) if r is not None]
 
 
 def final_table(finals: list[dict], s: dict) -> str:
-    base = next((f for f in finals if f["name"] == "base"), None)
+    """Per hyp set: its fitness in the evolution, after the retrain (mean ± sd over the training seeds) and its
+    gain over the base hyps (paired per training seed: mean ± standard error)."""
+    by_name: dict[str, dict[int, dict]] = {}
+    for f in finals:
+        by_name.setdefault(f["name"], {})[f.get("train_seed", 0)] = f
+    base = by_name.get("base", {})
+    n = max((len(v) for v in by_name.values()), default=1)
     lines = [f"Full-schedule retrain ({s['final_epochs']} epochs, evolved at {s['epochs']}; the best generation of "
-             f"each strategy x fidelity over its seeds, and the base hyps):", "",
+             f"each strategy x fidelity over its seeds, and the base hyps; training seeds 0..{n - 1}):", "",
              "| hyps | fitness during the evolution | fitness after the full-schedule retrain | vs base |",
              "|---|---|---|---|"]
-    for f in finals:
-        gain = f"{f['fitness'] - base['fitness']:+.4f}" if base is not None and f is not base else "—"
-        lines.append(f"| {f['name']} | {f['evolved']:.4f} | {f['fitness']:.4f} | {gain} |")
+    for name, runs in sorted(by_name.items()):
+        fits = [r["fitness"] for _, r in sorted(runs.items())]
+        diffs = [r["fitness"] - base[k]["fitness"] for k, r in sorted(runs.items()) if k in base]
+        gain = "—"
+        if name != "base" and diffs:
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            gain = f"{statistics.mean(diffs):+.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        shown = f"{fits[0]:.4f}" if len(fits) == 1 else _mean_sd(fits)
+        lines.append(f"| {name} | {next(iter(runs.values()))['evolved']:.4f} | {shown} | {gain} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the noise check: incumbents trained again with other training seeds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reeval(spec: dict) -> None:
+    """Child process: one hyp set trained as a generation is, once per training seed; writes reeval.json."""
+    import torch
+
+    from yolo.train import train
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out, done = Path(spec["out"]), Path(spec["out"]) / "reeval.json"
+    old = json.loads(done.read_text()) if done.exists() else {}
+    same = all(old.get(f) == spec[f] for f in ("hyp", "overrides"))
+    runs = [r for r in old.get("runs", []) if r["seed"] in spec["seeds"]] if same else []
+    for seed in sorted(set(spec["seeds"]) - {r["seed"] for r in runs}):
+        cfg = compose("train", [*spec["overrides"], f"seed={seed}", f"project={out}", f"name=seed{seed}",
+                                "noplots=true", "mlflow.enabled=false"])
+        for k, v in spec["hyp"].items():
+            if k in cfg.hyp:
+                cfg.hyp[k] = v
+        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+        c0 = cpu_seconds()
+        res = train(cfg, save_dir=out / f"seed{seed}")
+        runs.append({"seed": seed, "fitness": res.fitness, "cpu_s": cpu_seconds() - c0})
+        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+        done.write_text(json.dumps({**spec, "runs": sorted(runs, key=lambda r: r["seed"])}, indent=1))  # so far
+    done.write_text(json.dumps({**spec, "runs": sorted(runs, key=lambda r: r["seed"])}, indent=1))
+
+
+def incumbent(curve: dict, epochs: int, cpu_limit: float = math.inf) -> dict | None:
+    """The best full-schedule generation among those finished within ``cpu_limit`` CPU seconds."""
+    done = [g for g in curve["generations"] if g["fitness"] is not None and g["epochs"] == epochs
+            and g["hyp"] is not None and g["cpu_s"] <= cpu_limit]
+    return max(done, key=lambda g: g["fitness"]) if done else None
+
+
+def hyp_key(hyp: dict) -> str:
+    return hashlib.sha1(json.dumps(hyp, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reevaluate(s: dict, out: Path, curves: list[dict], data: Path, weights: str, jobs: int, k: int) -> dict:
+    """Train each evolution's final and quarter-mark incumbents and the base hyps again with the training seeds
+    1..k; cached per hyp set in ``<out>/reeval/<hash>/reeval.json``. Returns {hyp hash: [fitness per seed]}."""
+    base_cpu = {c["seed"]: c["cpu_s"] for c in curves if (c["strategy"], c["fidelity"]) == BASELINE}
+    hyps: dict[str, dict] = {}
+    for c in curves:
+        for limit in (math.inf, 0.25 * base_cpu.get(c["seed"], math.nan)):
+            g = incumbent(c, s["epochs"], limit)
+            if g is not None:
+                hyps[hyp_key(g["hyp"])] = g["hyp"]
+        if c["generations"] and c["generations"][0]["hyp"] is not None:  # generation 1: the base hyps
+            hyps.setdefault("base", c["generations"][0]["hyp"])
+    seeds = list(range(1, k + 1))
+    train_ov = ["~model", f"weights={weights}", f"hyp={s['hyp']}", "data=external", f"data.file={data}",
+                f"imgsz={s['imgsz']}", f"epochs={s['epochs']}", f"batch_size={s['batch']}", "workers=0",
+                "device=cpu", "noautoanchor=true", "cache=ram", "noval=true", "nosave=true"]
+
+    def one(item: tuple[str, dict]) -> tuple[str, list[float]] | None:
+        key, hyp = item
+        folder = out / "reeval" / key
+        done = folder / "reeval.json"
+        spec = {"hyp": hyp, "seeds": seeds, "overrides": train_ov, "out": str(folder)}
+        if done.exists():  # seeds already trained are kept; the child trains the others
+            old = json.loads(done.read_text())
+            if all(old.get(f) == spec[f] for f in ("hyp", "seeds", "overrides")):
+                return key, [r["fitness"] for r in old["runs"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "train.log", "w") as log:
+            subprocess.run([sys.executable, __file__, "--_reeval", json.dumps(spec)], cwd=ROOT, env=child_env(1),
+                           stdout=log, stderr=subprocess.STDOUT)
+        return (key, [r["fitness"] for r in json.loads(done.read_text())["runs"]]) if done.exists() else None
+
+    print(f"noise check: {len(hyps)} hyp sets x {k} training seeds ...", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return dict(r for r in pool.map(one, sorted(hyps.items())) if r is not None)
+
+
+def reeval_table(s: dict, curves: list[dict], values: dict, strategies: list[str], fidelities: list[str]) -> str:
+    """Per strategy x fidelity: the incumbents' recorded fitness against their mean over the other training seeds,
+    at the end and at a quarter of the mutation search's CPU time; per seed, whether the quarter-mark incumbent is
+    worth (mean over seeds) at least as much as that seed's final mutation incumbent."""
+    def worth(g: dict | None) -> float | None:
+        v = values.get(hyp_key(g["hyp"])) if g is not None else None
+        return statistics.mean(v) if v else None
+
+    base = {c["seed"]: c for c in curves if (c["strategy"], c["fidelity"]) == BASELINE}
+    base_vals = values.get("base") or []
+    first = next((c["generations"][0]["fitness"] for c in base.values() if c["generations"]), math.nan)
+    lines = [f"Noise check: incumbents trained again as a generation is, with the training seeds 1..{len(base_vals)}"
+             f" (the evolutions train with seed 0). The base hyps: {_mean_sd(base_vals)} (recorded at generation 1: "
+             f"{first:.4f}).", "",
+             "| strategy | fidelity | final incumbent: recorded | final incumbent: mean over other seeds | "
+             "quarter-mark incumbent: recorded | quarter-mark incumbent: mean over other seeds | "
+             "per seed: quarter-mark worth >= mutation's final worth |", "|---|---|---|---|---|---|---|"]
+    for st in strategies:
+        for fi in fidelities:
+            cs = sorted((c for c in curves if c["strategy"] == st and c["fidelity"] == fi), key=lambda c: c["seed"])
+            if not cs:
+                continue
+            cells, hits = [], []
+            for limit_of in (lambda c: math.inf, lambda c: 0.25 * base[c["seed"]]["cpu_s"] if c["seed"] in base
+                             else math.nan):
+                gs = [incumbent(c, s["epochs"], limit_of(c)) for c in cs]
+                cells.append(_mean_sd([g["fitness"] for g in gs if g is not None]))
+                cells.append(_mean_sd([w for w in map(worth, gs) if w is not None]))
+            for c in cs:
+                q = worth(incumbent(c, s["epochs"], 0.25 * base[c["seed"]]["cpu_s"])) if c["seed"] in base else None
+                m = worth(incumbent(base[c["seed"]], s["epochs"])) if c["seed"] in base else None
+                hits.append("—" if q is None or m is None else f"{'yes' if q >= m else 'no'} ({q:.3f}/{m:.3f})")
+            lines.append(f"| {st} | {fi} | " + " | ".join(cells) + f" | {', '.join(hits)} |")
     return "\n".join(lines)
 
 
@@ -392,12 +528,17 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only tabulate the curves already measured")
     ap.add_argument("--no-final", action="store_true", help="skip the full-schedule retrains")
     ap.add_argument("--hyp", default="scratch-low", help="the base hyps of every evolution (conf/hyp/)")
+    ap.add_argument("--final-seeds", type=int, default=1, metavar="N",
+                    help="the full-schedule retrains with the training seeds 0..N-1 (paired with the base hyps)")
+    ap.add_argument("--reeval", type=int, default=0, metavar="K",
+                    help="the noise check: train the incumbents and the base hyps again with K other training seeds")
     for k, v in FULL.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, nargs="+" if isinstance(v, list) else None,
                         default=None, help=f"default {v} ({QUICK[k]} with --quick)")
     ap.add_argument("--_start", help=argparse.SUPPRESS)
     ap.add_argument("--_run", help=argparse.SUPPRESS)
     ap.add_argument("--_final", help=argparse.SUPPRESS)
+    ap.add_argument("--_reeval", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._start:
         return _train_start(json.loads(a._start))
@@ -405,6 +546,8 @@ def main() -> None:
         return _run_evolution(json.loads(a._run))
     if a._final:
         return _retrain(json.loads(a._final))
+    if a._reeval:
+        return _reeval(json.loads(a._reeval))
 
     s = dict(QUICK if a.quick else FULL, hyp=a.hyp)
     s.update({k: getattr(a, k) for k in FULL if getattr(a, k) is not None})
@@ -436,13 +579,15 @@ def main() -> None:
         curves = [c for c in curves if c["seed"] in s["seeds"] and c.get("settings") == settings]
 
     table, summary = report(curves, a.strategies, a.fidelities)
-    finals = [] if a.no_final else generalisation(s, out, curves, data, start["weights"], a.jobs)
+    finals = [] if a.no_final else generalisation(s, out, curves, data, start["weights"], a.jobs, a.final_seeds)
     ftable = final_table(finals, s) if finals else ""
+    values = reevaluate(s, out, curves, data, start["weights"], a.jobs, a.reeval) if a.reeval > 0 else {}
+    ntable = reeval_table(s, curves, values, a.strategies, a.fidelities) if values else ""
     (out / "results.json").write_text(json.dumps({"settings": settings, "seeds": s["seeds"], "summary": summary,
-                                                  "final": finals, "curves": curves}, indent=1))
+                                                  "final": finals, "reeval": values, "curves": curves}, indent=1))
     write_curves_csv(out / "curves.csv", curves)
-    (out / "table.md").write_text(table + "\n\n" + ftable + "\n")
-    print("\n" + table + "\n\n" + ftable)
+    (out / "table.md").write_text("\n\n".join(t for t in (table, ftable, ntable) if t) + "\n")
+    print("\n" + "\n\n".join(t for t in (table, ftable, ntable) if t))
     if summary["target"] is not None:
         fast = [r for r in summary["rows"] if (r["strategy"], r["fidelity"]) != BASELINE and r["per_seed_ratio"]
                 and all(v is not None and v <= 0.25 for v in r["per_seed_ratio"].values())]
