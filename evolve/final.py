@@ -91,11 +91,14 @@ class FinalCheck:
 
     @property
     def gain(self) -> float:
-        return paired_gain([r.fitness for r in self.best_runs], [r.fitness for r in self.base_runs])[0]
+        return self.paired()[0]
 
     @property
     def gain_se(self) -> float | None:
-        return paired_gain([r.fitness for r in self.best_runs], [r.fitness for r in self.base_runs])[1]
+        return self.paired()[1]
+
+    def paired(self) -> tuple[float, float | None]:
+        return paired_gain([r.fitness for r in self.best_runs], [r.fitness for r in self.base_runs])
 
     def verdict(self) -> str:
         se = self.gain_se
