@@ -11,11 +11,15 @@ says when the gain is within that noise. With one seed (the default) the check i
 would run it by hand.
 
 Each retrain is a normal training run in ``<out_dir>/final/{best,base}`` (``{best,base}-seed<k>`` for the seeds after
-the first), with its weights, results.csv and plots, and an MLflow child of the evolution's parent.
+the first), with its weights, results.csv and plots, and an MLflow child of the evolution's parent. A finished
+retrain leaves ``final_run.json`` in its folder, keyed by a hash of its whole training config: an evolution run
+again (after a kill during the check, or to read the check once more) reuses the retrains already done with the
+same config and trains only the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from evolve import mutation
 from evolve.settings import Setup
 from evolve.space import HYP_KEYS
@@ -35,6 +41,8 @@ from yolo.utils.files import atomic_write_text
 log = logging.getLogger("yolo.evolve")
 
 FINAL_NAME = "final_train.json"
+RECORD_NAME = "final_run.json"  # in each retrain's folder: its result, reused by a rerun with the same config
+MAX_RECORD_BYTES = 64 * 1024
 METRICS = ("precision", "recall", "map50", "map")
 
 
@@ -117,6 +125,35 @@ class FinalCheck:
                 "best_runs": [asdict(r) for r in self.best_runs], "base_runs": [asdict(r) for r in self.base_runs]}
 
 
+def config_key(cfg: DictConfig) -> str:
+    """A hash of a retrain's training config, its MLflow settings aside (a rerun has another parent run)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("mlflow", None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reuse_record(save_dir: Path, key: str, label: str) -> FinalRun | None:
+    """The retrain recorded in ``save_dir`` with the config ``key``, or None: a record that is missing, too big, torn,
+    of another config, or whose figures are not finite numbers is not used (the retrain runs again). The folder is
+    ours, not the record's."""
+    path = save_dir / RECORD_NAME
+    try:
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        run = data["run"]
+        if data.get("config") != key or run.get("hyps") != label:
+            return None
+        numbers = {a: float(run[a]) for a in ("fitness", *METRICS, "seconds")}
+        if not all(math.isfinite(v) for v in numbers.values()):
+            return None
+        run_id = run.get("mlflow_run_id")
+        return FinalRun(label, **numbers, epochs=int(run["epochs"]), save_dir=str(save_dir),
+                        mlflow_run_id=run_id if isinstance(run_id, str) else None, seed=int(run["seed"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _train_one(setup: Setup, label: str, hyp: Mapping[str, Any], epochs: int, seed: int, train_fn: Callable,
                parent_run_id: str | None) -> FinalRun:
     name = label if seed == int(setup.cfg.seed) else f"{label}-seed{seed}"
@@ -125,13 +162,22 @@ def _train_one(setup: Setup, label: str, hyp: Mapping[str, Any], epochs: int, se
     cfg.project, cfg.name = str(setup.out_dir / "final"), name
     cfg.mlflow.run_name = f"{setup.cfg.name}-final-{name}"
     save_dir = setup.out_dir / "final" / name
+    key = config_key(cfg)
+    done = reuse_record(save_dir, key, label)
+    if done is not None:
+        log.info(f"evolve: final check: the {label} hyps (seed {seed}) were trained before with this config: "
+                 f"{save_dir}, fitness {done.fitness:.5g}")
+        return done
     t0 = time.time()
     log.info(f"evolve: final check: training the {label} hyps for {epochs} epochs (seed {seed}) in {save_dir}")
     res = train_fn(cfg, callbacks=[], save_dir=str(save_dir))
     metrics = [finite(getattr(res, a, 0.0)) for a in METRICS]
     p, r, m50, m = metrics
-    return FinalRun(label, float(mutation.fitness(metrics)[0]), p, r, m50, m, int(epochs),
-                    round(time.time() - t0, 1), str(save_dir), getattr(res, "mlflow_run_id", None), int(seed))
+    run = FinalRun(label, float(mutation.fitness(metrics)[0]), p, r, m50, m, int(epochs), round(time.time() - t0, 1),
+                   str(save_dir), getattr(res, "mlflow_run_id", None), int(seed))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(save_dir / RECORD_NAME, json.dumps({"config": key, "run": asdict(run)}, indent=1) + "\n")
+    return run
 
 
 def final_train(setup: Setup, best_hyp: Mapping[str, Any], train_fn: Callable,

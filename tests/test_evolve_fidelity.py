@@ -330,3 +330,43 @@ def test_final_check_verdict_allows_for_the_seed_noise():
     one = FinalCheck(runs("best", [0.25]), runs("base", [0.20]))  # one pair: no noise estimate, the sign decides
     assert one.gain_se is None and one.verdict() == "the evolution paid off" and one.as_dict()["best_fitness_sd"] is None
     assert one.best.save_dir == "/x/best0" and noisy.best.fitness == pytest.approx(0.22)
+
+
+def test_final_check_rerun_reuses_finished_retrains_and_distrusts_bad_records(tmp_path):
+    import json
+
+    out = tmp_path / "ev"
+    args = ("evolve.final_train=true", "evolve.final_epochs=12", "evolve.final_seeds=2")
+    seed_noisy_train.calls.clear()
+    first = evolve(cfg_for(out, *args, generations=5), train_fn=seed_noisy_train)
+    finals = [c[0] for c in seed_noisy_train.calls if c[0].startswith(("best", "base"))]
+    assert finals == ["best", "base", "best-seed1", "base-seed1"]
+    seed_noisy_train.calls.clear()
+    evolve(cfg_for(out, *args, generations=5), train_fn=seed_noisy_train)
+    assert seed_noisy_train.calls == []  # a rerun of a finished evolution trains nothing again
+
+    # a kill during the check: one retrain's record is gone, another's is torn, a third lies about its folder
+    (out / "final" / "base-seed1" / "final_run.json").unlink()
+    (out / "final" / "best-seed1" / "final_run.json").write_text('{"config": "')
+    rec = out / "final" / "base" / "final_run.json"
+    data = json.loads(rec.read_text())
+    data["run"]["save_dir"] = "/etc"
+    rec.write_text(json.dumps(data))
+    seed_noisy_train.calls.clear()
+    again = evolve(cfg_for(out, *args, generations=5), train_fn=seed_noisy_train)
+    assert [c[0] for c in seed_noisy_train.calls] == ["best-seed1", "base-seed1"]  # the others are reused
+    assert again.final.as_dict()["best_runs"] == first.final.as_dict()["best_runs"]
+    assert again.final.base_runs[0].save_dir == str(out / "final" / "base")  # the folder is ours, not the record's
+
+    # a record whose figures are not numbers, and another config (a longer schedule), are trained again
+    rec = out / "final" / "best" / "final_run.json"
+    data = json.loads(rec.read_text())
+    data["run"]["fitness"] = "NaN"
+    rec.write_text(json.dumps(data))
+    seed_noisy_train.calls.clear()
+    evolve(cfg_for(out, *args, generations=5), train_fn=seed_noisy_train)
+    assert [c[0] for c in seed_noisy_train.calls] == ["best"]
+    seed_noisy_train.calls.clear()
+    evolve(cfg_for(out, "evolve.final_train=true", "evolve.final_epochs=15", "evolve.final_seeds=2", generations=5),
+           train_fn=seed_noisy_train)
+    assert [c[0] for c in seed_noisy_train.calls] == ["best", "base", "best-seed1", "base-seed1"]
