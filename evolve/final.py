@@ -132,10 +132,10 @@ def config_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def reuse_record(save_dir: Path, key: str, label: str) -> FinalRun | None:
+def reuse_record(save_dir: Path, key: str, label: str, epochs: int, seed: int) -> FinalRun | None:
     """The retrain recorded in ``save_dir`` with the config ``key``, or None: a record that is missing, too big, torn,
-    of another config, or whose figures are not finite numbers is not used (the retrain runs again). The folder is
-    ours, not the record's."""
+    of another config, or whose figures are not finite numbers is not used (the retrain runs again). Only its
+    figures are read from it: the folder, schedule and seed are the caller's."""
     path = save_dir / RECORD_NAME
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
@@ -148,8 +148,8 @@ def reuse_record(save_dir: Path, key: str, label: str) -> FinalRun | None:
         if not all(math.isfinite(v) for v in numbers.values()):
             return None
         run_id = run.get("mlflow_run_id")
-        return FinalRun(label, **numbers, epochs=int(run["epochs"]), save_dir=str(save_dir),
-                        mlflow_run_id=run_id if isinstance(run_id, str) else None, seed=int(run["seed"]))
+        return FinalRun(label, **numbers, epochs=int(epochs), save_dir=str(save_dir),
+                        mlflow_run_id=run_id if isinstance(run_id, str) else None, seed=int(seed))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -163,7 +163,7 @@ def _train_one(setup: Setup, label: str, hyp: Mapping[str, Any], epochs: int, se
     cfg.mlflow.run_name = f"{setup.cfg.name}-final-{name}"
     save_dir = setup.out_dir / "final" / name
     key = config_key(cfg)
-    done = reuse_record(save_dir, key, label)
+    done = reuse_record(save_dir, key, label, epochs, seed)
     if done is not None:
         log.info(f"evolve: final check: the {label} hyps (seed {seed}) were trained before with this config: "
                  f"{save_dir}, fitness {done.fitness:.5g}")
