@@ -47,8 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evolve_report import (BASELINE, final_table, hyp_key, incumbent, reeval_table, report,  # noqa: E402
-                           write_curves_csv)
+from evolve_report import (BASELINE, final_table, hyp_key, incumbent, quarter_mark, reeval_table,  # noqa: E402
+                           report, write_curves_csv)
 
 STRATEGIES = ("mutation", "guided", "cmaes", "tpe", "gp", "auto")
 FIDELITIES = ("full", "asha")
@@ -242,22 +242,35 @@ def run_one(spec: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _retrain(spec: dict) -> None:
-    """Child process: train the start checkpoint on the evolution's data with given hyps for ``epochs``."""
+def train_overrides(s: dict, data: Path, weights: str, epochs: int) -> list[str]:
+    """A training of the start checkpoint on the evolution's data, as the evolutions' generations are set up."""
+    return ["~model", f"weights={weights}", f"hyp={s['hyp']}", "data=external", f"data.file={data}",
+            f"imgsz={s['imgsz']}", f"epochs={epochs}", f"batch_size={s['batch']}", "workers=0", "device=cpu",
+            "noautoanchor=true", "cache=ram", "noval=true"]
+
+
+def train_hyp(overrides: list[str], hyp: dict, save_dir: Path):
+    """In a child process (one torch thread): train with ``overrides`` and the hyps ``hyp`` into a fresh
+    ``save_dir``; returns the training's results."""
     import torch
 
     from yolo.train import train
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = compose("train", [*spec["overrides"], f"project={spec['out']}", "name=run", "noplots=true",
+    cfg = compose("train", [*overrides, f"project={save_dir.parent}", f"name={save_dir.name}", "noplots=true",
                             "mlflow.enabled=false"])
-    for k, v in spec["hyp"].items():
+    for k, v in hyp.items():
         if k in cfg.hyp:
             cfg.hyp[k] = v
-    shutil.rmtree(Path(spec["out"]) / "run", ignore_errors=True)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    return train(cfg, save_dir=save_dir)
+
+
+def _retrain(spec: dict) -> None:
+    """Child process: train the start checkpoint on the evolution's data with given hyps for ``epochs``."""
     c0 = cpu_seconds()
-    res = train(cfg, save_dir=Path(spec["out"]) / "run")
+    res = train_hyp(spec["overrides"], spec["hyp"], Path(spec["out"]) / "run")
     info = {"fitness": res.fitness, "map50": res.map50, "map": res.map, "cpu_s": cpu_seconds() - c0}
     (Path(spec["out"]) / "final.json").write_text(json.dumps({**spec, **info}, indent=1))
 
@@ -278,9 +291,7 @@ def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: 
         if g["hyp"] is not None and "base" not in picks:
             base_row = c["generations"][0]  # generation 1: the base hyps
             picks["base"] = {"evolved": base_row["fitness"], "hyp": base_row["hyp"], "seed": None}
-    train_ov = ["~model", f"weights={weights}", f"hyp={s['hyp']}", "data=external", f"data.file={data}",
-                f"imgsz={s['imgsz']}", f"epochs={s['final_epochs']}", f"batch_size={s['batch']}", "workers=0",
-                "device=cpu", "noautoanchor=true", "cache=ram", "noval=true"]
+    train_ov = train_overrides(s, data, weights, s["final_epochs"])
 
     def one(item: tuple[str, dict, int]) -> dict | None:
         name, pick, seed = item
@@ -311,25 +322,13 @@ def generalisation(s: dict, out: Path, curves: list[dict], data: Path, weights: 
 
 def _reeval(spec: dict) -> None:
     """Child process: one hyp set trained as a generation is, once per training seed; writes reeval.json."""
-    import torch
-
-    from yolo.train import train
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     out, done = Path(spec["out"]), Path(spec["out"]) / "reeval.json"
     old = json.loads(done.read_text()) if done.exists() else {}
     same = all(old.get(f) == spec[f] for f in ("hyp", "overrides"))
     runs = [r for r in old.get("runs", []) if r["seed"] in spec["seeds"]] if same else []
     for seed in sorted(set(spec["seeds"]) - {r["seed"] for r in runs}):
-        cfg = compose("train", [*spec["overrides"], f"seed={seed}", f"project={out}", f"name=seed{seed}",
-                                "noplots=true", "mlflow.enabled=false"])
-        for k, v in spec["hyp"].items():
-            if k in cfg.hyp:
-                cfg.hyp[k] = v
-        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
         c0 = cpu_seconds()
-        res = train(cfg, save_dir=out / f"seed{seed}")
+        res = train_hyp([*spec["overrides"], f"seed={seed}"], spec["hyp"], out / f"seed{seed}")
         runs.append({"seed": seed, "fitness": res.fitness, "cpu_s": cpu_seconds() - c0})
         shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
         done.write_text(json.dumps({**spec, "runs": sorted(runs, key=lambda r: r["seed"])}, indent=1))  # so far
@@ -339,19 +338,17 @@ def _reeval(spec: dict) -> None:
 def reevaluate(s: dict, out: Path, curves: list[dict], data: Path, weights: str, jobs: int, k: int) -> dict:
     """Train each evolution's final and quarter-mark incumbents and the base hyps again with the training seeds
     1..k; cached per hyp set in ``<out>/reeval/<hash>/reeval.json``. Returns {hyp hash: [fitness per seed]}."""
-    base_cpu = {c["seed"]: c["cpu_s"] for c in curves if (c["strategy"], c["fidelity"]) == BASELINE}
+    base = {c["seed"]: c for c in curves if (c["strategy"], c["fidelity"]) == BASELINE}
     hyps: dict[str, dict] = {}
     for c in curves:
-        for limit in (math.inf, 0.25 * base_cpu.get(c["seed"], math.nan)):
+        for limit in (math.inf, quarter_mark(c, base)):
             g = incumbent(c, s["epochs"], limit)
             if g is not None:
                 hyps[hyp_key(g["hyp"])] = g["hyp"]
         if c["generations"] and c["generations"][0]["hyp"] is not None:  # generation 1: the base hyps
             hyps.setdefault("base", c["generations"][0]["hyp"])
     seeds = list(range(1, k + 1))
-    train_ov = ["~model", f"weights={weights}", f"hyp={s['hyp']}", "data=external", f"data.file={data}",
-                f"imgsz={s['imgsz']}", f"epochs={s['epochs']}", f"batch_size={s['batch']}", "workers=0",
-                "device=cpu", "noautoanchor=true", "cache=ram", "noval=true", "nosave=true"]
+    train_ov = [*train_overrides(s, data, weights, s["epochs"]), "nosave=true"]
 
     def one(item: tuple[str, dict]) -> tuple[str, list[float]] | None:
         key, hyp = item

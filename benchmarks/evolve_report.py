@@ -115,6 +115,12 @@ def incumbent(curve: dict, epochs: int, cpu_limit: float = math.inf) -> dict | N
     return max(done, key=lambda g: g["fitness"]) if done else None
 
 
+def quarter_mark(curve: dict, base: dict[int, dict]) -> float:
+    """A quarter of the CPU time of the mutation search (``base``: its curves by seed) of ``curve``'s seed."""
+    b = base.get(curve["seed"])
+    return 0.25 * b["cpu_s"] if b is not None else math.nan
+
+
 def hyp_key(hyp: dict) -> str:
     return hashlib.sha1(json.dumps(hyp, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -142,13 +148,12 @@ def reeval_table(s: dict, curves: list[dict], values: dict, strategies: list[str
             if not cs:
                 continue
             cells, hits = [], []
-            for limit_of in (lambda c: math.inf, lambda c: 0.25 * base[c["seed"]]["cpu_s"] if c["seed"] in base
-                             else math.nan):
+            for limit_of in (lambda c: math.inf, lambda c: quarter_mark(c, base)):
                 gs = [incumbent(c, s["epochs"], limit_of(c)) for c in cs]
                 cells.append(_mean_sd([g["fitness"] for g in gs if g is not None]))
                 cells.append(_mean_sd([w for w in map(worth, gs) if w is not None]))
             for c in cs:
-                q = worth(incumbent(c, s["epochs"], 0.25 * base[c["seed"]]["cpu_s"])) if c["seed"] in base else None
+                q = worth(incumbent(c, s["epochs"], quarter_mark(c, base))) if c["seed"] in base else None
                 m = worth(incumbent(base[c["seed"]], s["epochs"])) if c["seed"] in base else None
                 hits.append("—" if q is None or m is None else f"{'yes' if q >= m else 'no'} ({q:.3f}/{m:.3f})")
             lines.append(f"| {st} | {fi} | " + " | ".join(cells) + f" | {', '.join(hits)} |")

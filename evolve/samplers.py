@@ -235,6 +235,11 @@ class GuidedSampler(MutationSampler):
         except (ValueError, np.linalg.LinAlgError) as e:  # no finite history, or a singular kernel
             log.warning(f"evolve: guided: no model this generation ({e}); upstream's child")
             return 0, {**info, "guided": False}
+        if not skill >= self.min_skill:  # nan included: no evidence yet that the model ranks outcomes
+            upstream_child = to_unit([[kids[0][k] for k in tuned]])
+            return 0, {**info, "guided": False, "predicted": float(gp.predict(upstream_child)[0][0])}
+        # the running generations at their predicted mean (kriging believer): the mean is unchanged, so this is
+        # only needed for a pick, where it lowers the sd (and EI) near children other workers are training
         xr = self._running_rows(study, tuned)
         if len(xr):
             xr = to_unit(xr)
@@ -242,9 +247,6 @@ class GuidedSampler(MutationSampler):
                 gp = surrogate.condition(gp, xr, gp.predict(xr)[0], exact=True)
             except np.linalg.LinAlgError:
                 log.warning("evolve: guided: the running generations could not be added to the model")
-        if not skill >= self.min_skill:  # nan included: no evidence yet that the model ranks outcomes
-            upstream_child = to_unit([[kids[0][k] for k in tuned]])
-            return 0, {**info, "guided": False, "predicted": float(gp.predict(upstream_child)[0][0])}
         mean, sd = gp.predict(to_unit(np.array([[kid[k] for k in tuned] for kid in kids])))
         best = float(gp.predict(gp.x)[0].max())
         ei = surrogate.expected_improvement(mean, sd, best)

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from evolve.mutation import constrain
 from yolo.config import HYP_KEYS as SCHEMA_HYP_KEYS
 from yolo.errors import ConfigError
@@ -63,8 +65,6 @@ class SearchSpace:
 
     @property
     def gains(self):
-        import numpy as np
-
         return np.array([b.gain for b in self.bounds.values()], dtype=float)
 
     def limits(self) -> dict[str, tuple[float, float]]:
@@ -81,8 +81,6 @@ class SearchSpace:
     def unit_scaler(self, keys: Sequence[str]):
         """A function mapping rows of ``keys``' values (m, len(keys)) into [0, 1] by their bounds (on the log
         scale for a log bound), for models of the space."""
-        import numpy as np
-
         b = [self.bounds[k] for k in keys]
         log = np.array([x.log for x in b])
         lo = np.array([np.log(x.lower) if x.log else x.lower for x in b], dtype=float)
